@@ -7,27 +7,55 @@ pure (it returns new tensors and never modifies its inputs), differentiable, and
 
 Trees passed together must have the same structure; otherwise a ``ValueError`` names the first
 key path where they differ.
+
+Dtypes: leaf-wise functions (``map``, ``add``, ``sub``, ``scale``, ``lerp``, ``mean``) keep each
+leaf's own dtype, so a tree may mix float32 and float64 leaves; numbers and weights are cast to
+each leaf's dtype. Reductions to one number (``vdot``, ``norm``, ``distance``, ``cosine``) follow
+torch's type promotion and return a 0-d tensor of the widest floating dtype among the leaves.
+``ravel`` needs one dtype and device, and refuses mixed trees with an error naming the leaves.
+An empty tree is allowed everywhere: its norm, inner product and distance are ``tensor(0.)``.
+
+Names: :func:`select`, :func:`partition` and the predicates they take see each leaf's *dotted
+path*: the tree's keys joined by ``"."`` (``{"fc.weight": w}`` and ``{"fc": {"weight": w}}`` both
+give ``"fc.weight"``; list and tuple positions give their index, ``"layers.0"``; NamedTuple
+fields their name, ``"state.exp_avg"``), which for the dicts from :func:`hypergrad.split` is
+exactly the name ``named_parameters()`` uses.
 """
 
 from __future__ import annotations
 
 import builtins
-from collections.abc import Callable, Sequence
-from typing import Any
+import fnmatch
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Union
 
 import optree
 import torch
 
 __all__ = [
+    "Pattern",
     "PyTree",
     "add",
+    "all_but_last_layer",
+    "combine",
+    "cosine",
     "detach",
+    "distance",
+    "dotted_paths",
     "key_paths",
     "keystr",
+    "layer_names",
     "leaves",
+    "lerp",
     "map",
+    "mean",
+    "norm",
+    "partition",
     "ravel",
     "scale",
+    "select",
     "sub",
     "unravel",
     "vdot",
@@ -35,6 +63,9 @@ __all__ = [
 ]
 
 PyTree = Any
+#: What :func:`select` and :func:`partition` accept: a glob string, a compiled regex, a predicate
+#: ``fn(dotted_path, leaf) -> bool``, or a list of these (a leaf is selected if any matches).
+Pattern = Union[str, "re.Pattern[str]", Callable[[str, Any], bool], Sequence[Any]]
 
 # Tensors are leaves; None is an empty subtree (optree's default), so optional entries such as
 # "no momentum buffer" cost nothing.
@@ -299,5 +330,494 @@ def unravel(
             "this tree, or one of the same length."
         )
     pieces = torch.split(vector, list(sizes), dim=-1) if sizes else []
-    new_leaves = [piece.reshape(*vector.shape[:-1], *shape) for piece, shape in zip(pieces, shapes)]
+    new_leaves = [
+        piece.reshape((*vector.shape[:-1], *shape)) for piece, shape in zip(pieces, shapes)
+    ]
     return optree.tree_unflatten(spec, new_leaves)
+
+
+# --------------------------------------------------------------------------------------------
+# Interpolation and averages
+
+
+def _as_weight(weight: float | torch.Tensor, like: torch.Tensor) -> float | torch.Tensor:
+    """Cast a tensor weight to ``like``'s dtype and device (differentiably); numbers pass."""
+    if isinstance(weight, torch.Tensor):
+        return weight.to(dtype=like.dtype, device=like.device)
+    return weight
+
+
+def lerp(a: PyTree, b: PyTree, weight: float | torch.Tensor, /) -> PyTree:
+    """Leaf-wise linear interpolation ``a + weight * (b - a)``.
+
+    Exact at both ends: ``weight=0`` returns ``a``'s values and ``weight=1`` returns ``b``'s
+    (``torch.lerp``'s formula). Differentiable in ``a``, ``b`` and ``weight``.
+
+    Args:
+        a: the tree at ``weight=0``.
+        b: the tree at ``weight=1``, same structure as ``a``.
+        weight: a number or a 0-d tensor (which may require grad or be vmapped over).
+
+    Returns:
+        A new tree shaped like ``a``.
+
+    Raises:
+        ValueError: ``a`` and ``b`` differ in structure.
+
+    Examples:
+        >>> a, b = {"w": torch.tensor([0.0, 2.0])}, {"w": torch.tensor([4.0, 6.0])}
+        >>> lerp(a, b, 0.25)
+        {'w': tensor([1., 3.])}
+        >>> lerp(a, b, torch.tensor(1.0))["w"]
+        tensor([4., 6.])
+    """
+    return _map2("hg.tree.lerp", lambda x, y: torch.lerp(x, y, _as_weight(weight, x)), a, b)
+
+
+def mean(
+    trees: Sequence[PyTree] | PyTree,
+    /,
+    weights: Sequence[float] | torch.Tensor | None = None,
+    *,
+    stacked: bool = False,
+) -> PyTree:
+    """The (weighted) mean of several trees.
+
+    Weights are normalised to sum to one, so ``weights=[1, 3]`` gives ``0.25 * t0 + 0.75 * t1``.
+    They may be a tensor that requires grad (the mean is differentiable in them).
+
+    Args:
+        trees: a list of trees with one structure; or, with ``stacked=True``, one tree whose
+            leaves all have a leading dimension to average over (as made by :func:`hypergrad.stack`).
+        weights: one non-negative weight per tree (a sequence or a 1-d tensor); ``None`` for
+            equal weights.
+        stacked: average over the leading dimension of one tree instead of over a list.
+
+    Returns:
+        One tree with the structure of each input tree (without the leading dimension).
+
+    Raises:
+        ValueError: no trees, a weight count that does not match, weights that sum to zero
+            (checked for plain numbers only), or trees of different structure.
+
+    Examples:
+        >>> t0, t1 = {"w": torch.tensor([0.0, 4.0])}, {"w": torch.tensor([4.0, 8.0])}
+        >>> mean([t0, t1])
+        {'w': tensor([2., 6.])}
+        >>> mean([t0, t1], weights=[1, 3])
+        {'w': tensor([3., 7.])}
+        >>> mean({"w": torch.tensor([[0.0, 4.0], [4.0, 8.0]])}, stacked=True)
+        {'w': tensor([2., 6.])}
+    """
+    if stacked:
+        flat = leaves(trees)
+        sizes = {x.shape[0] if x.dim() > 0 else None for x in flat}
+        if None in sizes or len(sizes) > 1:
+            got = sorted(str(tuple(x.shape)) for x in flat)
+            raise ValueError(
+                "hg.tree.mean: with stacked=True every leaf needs the same leading dimension "
+                f"(the one to average over); got leaf shapes {', '.join(got)}. "
+                "Build the stacked tree with hg.stack(modules), or pass a list of trees."
+            )
+        if not flat:
+            return trees  # an empty tree: nothing to average
+        n = sizes.pop()
+    else:
+        if isinstance(trees, (Mapping, torch.Tensor)) or not isinstance(trees, Sequence):
+            raise ValueError(
+                f"hg.tree.mean: expected a list of trees, got a {type(trees).__name__}. "
+                "Pass [tree0, tree1, ...], or one stacked tree with stacked=True."
+            )
+        n = len(trees)
+        if n == 0:
+            raise ValueError("hg.tree.mean: got an empty list of trees; pass at least one tree.")
+        check_same_structure(list(trees), caller="hg.tree.mean")
+    if weights is None:
+        w: torch.Tensor | list[float] = [1.0 / n] * n
+    else:
+        count = weights.shape[0] if isinstance(weights, torch.Tensor) else len(weights)
+        if (isinstance(weights, torch.Tensor) and weights.dim() != 1) or count != n:
+            shape = tuple(weights.shape) if isinstance(weights, torch.Tensor) else f"{count} items"
+            raise ValueError(
+                f"hg.tree.mean: expected {n} weights (one per tree), got {shape}. "
+                "Pass one weight per tree, e.g. weights=[1.0] * len(trees)."
+            )
+        if isinstance(weights, torch.Tensor):
+            w = weights / weights.sum()
+        else:
+            total = float(builtins.sum(weights))
+            if total == 0.0:
+                raise ValueError(
+                    "hg.tree.mean: the weights sum to zero, so they cannot be normalised. "
+                    "Pass non-negative weights with a positive sum."
+                )
+            w = [float(x) / total for x in weights]
+
+    if stacked:
+
+        def avg(x: torch.Tensor) -> torch.Tensor:
+            wx = torch.as_tensor(w, dtype=x.dtype, device=x.device) if isinstance(w, list) else w
+            return torch.tensordot(_as_weight(wx, x), x, dims=1)
+
+        return optree.tree_map(avg, trees, namespace=_NAMESPACE)
+
+    def avg_list(*xs: torch.Tensor) -> torch.Tensor:
+        terms = (_as_weight(w[i], x) * x for i, x in enumerate(xs))
+        return builtins.sum(terms)
+
+    return optree.tree_map(avg_list, trees[0], *trees[1:], namespace=_NAMESPACE)
+
+
+# --------------------------------------------------------------------------------------------
+# Norms and distances
+
+
+def _check_ord(ord: float, caller: str) -> float:
+    if ord not in (1, 2, math.inf):
+        raise ValueError(
+            f"{caller}: ord must be 1, 2 or math.inf (float('inf')), got {ord!r}. "
+            "Use ord=1 for the sum of absolute values, 2 for the Euclidean norm, math.inf for "
+            "the largest absolute value."
+        )
+    return float(ord)
+
+
+def _leaf_norm(x: torch.Tensor, ord: float, path: Any, caller: str) -> torch.Tensor:
+    if not (x.is_floating_point() or x.is_complex()):
+        raise ValueError(
+            f"{caller}: leaf {keystr(path)} has dtype {x.dtype}; norms need floating-point "
+            "leaves. Select the floating leaves first, e.g. "
+            "hg.tree.select(tree, lambda path, x: x.is_floating_point())."
+        )
+    if x.numel() == 0:
+        return x.new_zeros(()).real
+    return torch.linalg.vector_norm(x, ord)
+
+
+def norm(tree: PyTree, /, ord: float = 2, *, per_leaf: bool = False) -> PyTree:
+    """The L1, L2 or max norm of a tree, as if all its leaves were one flat vector.
+
+    The global norm combines per-leaf norms (the L2 norm of the per-leaf L2 norms, the sum of
+    L1 norms, the max of max norms), so it never concatenates the leaves and works for mixed
+    dtypes (the result has the promoted dtype). Its gradient at zero is zero, as for
+    ``torch.linalg.vector_norm``. An empty tree, or an empty leaf, has norm 0.
+
+    Args:
+        tree: a tree of floating-point tensors.
+        ord: ``1``, ``2`` or ``math.inf``.
+        per_leaf: return a tree of 0-d tensors, one norm per leaf, instead of one number.
+
+    Returns:
+        A 0-d tensor, or with ``per_leaf=True`` a tree of 0-d tensors shaped like ``tree``.
+
+    Raises:
+        ValueError: an unsupported ``ord``, or an integer or boolean leaf.
+
+    Examples:
+        >>> t = {"a": torch.tensor([3.0, 0.0]), "b": torch.tensor(-4.0)}
+        >>> norm(t)
+        tensor(5.)
+        >>> norm(t, 1), norm(t, math.inf)
+        (tensor(7.), tensor(4.))
+        >>> norm(t, per_leaf=True)
+        {'a': tensor(3.), 'b': tensor(4.)}
+    """
+    o = _check_ord(ord, "hg.tree.norm")
+    paths, flat, spec = optree.tree_flatten_with_path(tree, namespace=_NAMESPACE)
+    per = [_leaf_norm(x, o, p, "hg.tree.norm") for p, x in zip(paths, flat)]
+    if per_leaf:
+        return optree.tree_unflatten(spec, per)
+    if not per:
+        return torch.zeros(())
+    if len(per) == 1:
+        return per[0]
+    dtype = per[0].dtype
+    for x in per[1:]:
+        dtype = torch.promote_types(dtype, x.dtype)
+    return torch.linalg.vector_norm(torch.stack([x.to(dtype) for x in per]), o)
+
+
+def distance(a: PyTree, b: PyTree, /, ord: float = 2) -> torch.Tensor:
+    """The distance ``norm(a - b, ord)`` between two trees of one structure.
+
+    Examples:
+        >>> distance({"w": torch.tensor([1.0, 1.0])}, {"w": torch.tensor([4.0, 5.0])})
+        tensor(5.)
+    """
+    _check_ord(ord, "hg.tree.distance")
+    return norm(_map2("hg.tree.distance", torch.sub, a, b), ord)
+
+
+def cosine(a: PyTree, b: PyTree, /, *, eps: float = 1e-12) -> torch.Tensor:
+    """The cosine similarity of two trees seen as flat vectors: ``<a, b> / (|a| |b|)``.
+
+    Each norm is clamped below by ``eps``, so a zero tree gives 0 rather than NaN.
+
+    Examples:
+        >>> a = {"w": torch.tensor([1.0, 0.0]), "b": torch.tensor(0.0)}
+        >>> b = {"w": torch.tensor([1.0, 1.0]), "b": torch.tensor(0.0)}
+        >>> round(cosine(a, b).item(), 4)
+        0.7071
+    """
+    check_same_structure([a, b], caller="hg.tree.cosine")
+    return vdot(a, b) / (norm(a).clamp_min(eps) * norm(b).clamp_min(eps))
+
+
+# --------------------------------------------------------------------------------------------
+# Selecting leaves by name
+
+
+def _dotted(path: Sequence[Any]) -> str:
+    return ".".join(str(k) for k in path)
+
+
+def _entry_name(entry: Any) -> Any:
+    """The name of one optree accessor entry: a NamedTuple field, an attribute, a key or index."""
+    for attr in ("field", "name"):
+        if hasattr(entry, attr):
+            return getattr(entry, attr)
+    return entry.entry
+
+
+def dotted_paths(tree: PyTree, /) -> list[str]:
+    """The dotted path of every leaf, in the tree's own order (dict insertion order).
+
+    This is the name that patterns in :func:`select` and :func:`partition` are matched against.
+
+    Examples:
+        >>> dotted_paths({"fc": {"weight": torch.ones(1)}, "head.bias": torch.ones(1)})
+        ['fc.weight', 'head.bias']
+        >>> dotted_paths({"layers": [torch.ones(1), torch.ones(1)]})
+        ['layers.0', 'layers.1']
+    """
+    out: list[str] = []
+
+    def walk(node: Any, prefix: tuple[Any, ...]) -> None:
+        if isinstance(node, Mapping):
+            for k, v in node.items():
+                walk(v, (*prefix, k))
+            return
+        if node is None:
+            return
+        if optree.tree_is_leaf(node, namespace=_NAMESPACE):
+            out.append(_dotted(prefix))
+            return
+        children, _, entries, _ = optree.tree_flatten_one_level(node, namespace=_NAMESPACE)
+        if isinstance(node, tuple) and hasattr(node, "_fields"):
+            entries = node._fields
+        for k, v in zip(entries, children):
+            walk(v, (*prefix, k))
+
+    walk(tree, ())
+    return out
+
+
+def _compile_pattern(pattern: Pattern, caller: str) -> Callable[[str, Any], bool]:
+    if isinstance(pattern, str):
+        return lambda path, leaf: fnmatch.fnmatchcase(path, pattern)
+    if isinstance(pattern, re.Pattern):
+        return lambda path, leaf: pattern.search(path) is not None
+    if callable(pattern):
+        return pattern
+    if isinstance(pattern, (list, tuple)):
+        parts = [_compile_pattern(p, caller) for p in pattern]
+        return lambda path, leaf: builtins.any(f(path, leaf) for f in parts)
+    raise TypeError(
+        f"{caller}: pattern must be a glob string, a compiled re.Pattern, a predicate "
+        f"fn(path, leaf) -> bool, or a list of these; got a {type(pattern).__name__}. "
+        'Example: hg.tree.select(params, "fc*.weight").'
+    )
+
+
+def _prune(node: Any) -> Any:
+    """Drop dict entries whose value is ``None`` (unselected leaves); keep other containers."""
+    if isinstance(node, Mapping):
+        items = [(k, _prune(v)) for k, v in node.items() if v is not None]
+        return _rebuild_mapping(node, items)
+    if isinstance(node, tuple) and hasattr(node, "_fields"):
+        return type(node)(*(_prune(v) for v in node))
+    if isinstance(node, (list, tuple)):
+        return type(node)(_prune(v) for v in node)
+    return node
+
+
+def _rebuild_mapping(like: Mapping, items: list[tuple[Any, Any]]) -> Mapping:
+    if hasattr(like, "default_factory"):
+        return type(like)(like.default_factory, items)  # type: ignore[attr-defined]
+    return type(like)(items)
+
+
+def partition(tree: PyTree, pattern: Pattern, /) -> tuple[PyTree, PyTree]:
+    """Split a tree into the leaves that match ``pattern`` and the rest.
+
+    Matching uses each leaf's dotted path (see :func:`dotted_paths`):
+
+    * a glob string matches the whole path with ``fnmatch`` rules (``*`` also crosses dots):
+      ``"fc*.weight"``, ``"encoder.*"``, ``"*.bias"``;
+    * a compiled ``re.Pattern`` matches if ``pattern.search(path)`` finds it anywhere (anchor
+      with ``^...$`` for the whole path): ``re.compile(r"\\.bias$")``;
+    * a predicate is called as ``fn(path, leaf)`` and returns a bool: ``lambda p, x: x.dim() > 1``;
+    * a list of any of these selects a leaf if any of them matches.
+
+    In dicts an unselected leaf's key is dropped (so ``selected`` can go straight to
+    :func:`hypergrad.call` or an optimizer); in lists and tuples its place holds ``None``, which
+    every ``hg.tree`` function treats as an empty subtree. :func:`combine` puts the parts back.
+
+    Args:
+        tree: a tree of tensors, e.g. ``params`` from :func:`hypergrad.split`.
+        pattern: what to select (see above).
+
+    Returns:
+        ``(selected, rest)``.
+
+    Raises:
+        TypeError: ``pattern`` is none of the accepted kinds.
+
+    Examples:
+        >>> params = {"fc1.weight": torch.ones(2, 2), "fc1.bias": torch.ones(2),
+        ...           "fc2.weight": torch.ones(1, 2)}
+        >>> weights, rest = partition(params, "*.weight")
+        >>> list(weights), list(rest)
+        (['fc1.weight', 'fc2.weight'], ['fc1.bias'])
+        >>> list(partition(params, all_but_last_layer(params))[0])
+        ['fc1.weight', 'fc1.bias']
+    """
+    match = _compile_pattern(pattern, "hg.tree.partition")
+    accessors, flat, spec = optree.tree_flatten_with_accessor(tree, namespace=_NAMESPACE)
+    names = [_dotted([_entry_name(e) for e in a]) for a in accessors]
+    mask = [bool(match(name, x)) for name, x in zip(names, flat)]
+    selected = optree.tree_unflatten(spec, [x if m else None for x, m in zip(flat, mask)])
+    rest = optree.tree_unflatten(spec, [None if m else x for x, m in zip(flat, mask)])
+    return _prune(selected), _prune(rest)
+
+
+def select(tree: PyTree, pattern: Pattern, /) -> PyTree:
+    """The leaves of ``tree`` that match ``pattern``: the first half of :func:`partition`.
+
+    Examples:
+        >>> params = {"fc1.weight": torch.ones(2), "fc1.bias": torch.ones(2)}
+        >>> select(params, "*.bias")
+        {'fc1.bias': tensor([1., 1.])}
+        >>> import re
+        >>> list(select(params, re.compile(r"^fc1\\.")))
+        ['fc1.weight', 'fc1.bias']
+    """
+    return partition(tree, pattern)[0]
+
+
+def combine(*trees: PyTree) -> PyTree:
+    """Merge disjoint parts of one tree, such as the outputs of :func:`partition`.
+
+    Dicts are merged key by key (keys in order of first appearance), lists and tuples position
+    by position; at each position at most one tree may hold a leaf (the others ``None`` or no
+    key). ``combine(*partition(tree, pattern))`` equals ``tree``.
+
+    Args:
+        *trees: one or more parts.
+
+    Returns:
+        The merged tree.
+
+    Raises:
+        ValueError: two trees hold a leaf at the same key path, or their containers disagree
+            there (the message names the key path).
+
+    Examples:
+        >>> params = {"a": torch.ones(1), "b": torch.zeros(1)}
+        >>> combine(*partition(params, "a")) == params
+        True
+        >>> combine({"a": torch.ones(1)}, {"b": torch.zeros(1)})
+        {'a': tensor([1.]), 'b': tensor([0.])}
+    """
+    if not trees:
+        raise ValueError("hg.tree.combine: pass at least one tree, e.g. combine(selected, rest).")
+    return _combine(list(trees), ())
+
+
+def _combine(nodes: list[Any], path: tuple[Any, ...]) -> Any:
+    present = [n for n in nodes if n is not None]
+    if not present:
+        return None
+    if len(present) == 1 and not isinstance(present[0], (Mapping, list, tuple)):
+        return present[0]
+    first = present[0]
+    kinds = {type(n) for n in present}
+    if isinstance(first, Mapping) and builtins.all(isinstance(n, Mapping) for n in present):
+        keys: dict[Any, None] = {}
+        for n in present:
+            keys.update(dict.fromkeys(n))
+        items = [(k, _combine([n.get(k) for n in present], (*path, k))) for k in keys]
+        return _rebuild_mapping(first, items)
+    if len(kinds) == 1 and isinstance(first, (list, tuple)):
+        lengths = {len(n) for n in present}
+        if len(lengths) == 1:
+            merged = [_combine([n[i] for n in present], (*path, i)) for i in range(len(first))]
+            if hasattr(first, "_fields"):
+                return type(first)(*merged)
+            return type(first)(merged)
+        raise ValueError(
+            f"hg.tree.combine: at {keystr(path)} the trees hold {type(first).__name__}s of "
+            f"different lengths {sorted(lengths)}; combine parts of one tree, as made by "
+            "hg.tree.partition."
+        )
+    if builtins.all(isinstance(n, (Mapping, list, tuple)) for n in present):
+        names = sorted(t.__name__ for t in kinds)
+        raise ValueError(
+            f"hg.tree.combine: at {keystr(path)} the trees hold different containers "
+            f"({', '.join(names)}); combine parts of one tree, as made by hg.tree.partition."
+        )
+    raise ValueError(
+        f"hg.tree.combine: {len(present)} trees hold a value at {keystr(path)}; the parts "
+        "must be disjoint. Combine the outputs of one hg.tree.partition call, or hg.tree.add "
+        "them if you meant to sum."
+    )
+
+
+def layer_names(tree: PyTree, /) -> list[str]:
+    """The layers of a parameter tree, in order: each dotted path without its last part.
+
+    For the params of ``nn.Sequential(nn.Linear(...), nn.ReLU(), nn.Linear(...))`` this is
+    ``["0", "2"]``. A parameter that sits directly on the root module belongs to layer ``""``.
+    The order is the tree's own (dict insertion) order, so for :func:`hypergrad.split` output it
+    is the module's registration order.
+
+    Examples:
+        >>> params = {"0.weight": torch.ones(1), "0.bias": torch.ones(1),
+        ...           "2.weight": torch.ones(1), "2.bias": torch.ones(1)}
+        >>> layer_names(params)
+        ['0', '2']
+        >>> select(params, [f"{name}.*" for name in layer_names(params)[1:]])
+        {'2.weight': tensor([1.]), '2.bias': tensor([1.])}
+    """
+    names: dict[str, None] = {}
+    for path in dotted_paths(tree):
+        names[path.rpartition(".")[0]] = None
+    return list(names)
+
+
+def all_but_last_layer(tree: PyTree, /) -> Callable[[str, Any], bool]:
+    """A predicate for :func:`select` / :func:`partition`: every layer of ``tree`` but the last.
+
+    The last layer is the last entry of :func:`layer_names`; all of its parameters are left out.
+
+    Raises:
+        ValueError: the tree has no leaves.
+
+    Examples:
+        >>> params = {"body.weight": torch.ones(1), "body.bias": torch.ones(1),
+        ...           "head.weight": torch.ones(1)}
+        >>> list(select(params, all_but_last_layer(params)))
+        ['body.weight', 'body.bias']
+    """
+    names = layer_names(tree)
+    if not names:
+        raise ValueError(
+            "hg.tree.all_but_last_layer: the tree has no leaves, so it has no last layer. "
+            "Pass the parameter tree, e.g. hg.split(model)[0]."
+        )
+    last = names[-1]
+
+    def not_last(path: str, leaf: Any) -> bool:
+        return path.rpartition(".")[0] != last
+
+    return not_last
