@@ -16,6 +16,8 @@ import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import torch
+
 from hypergrad.tree import PyTree
 
 __all__ = ["Optimizer"]
@@ -31,8 +33,10 @@ class Optimizer:
         name: the family, e.g. ``"sgd"``.
         hyperparams: differentiable hyperparameters (see the module docstring).
         options: static options.
-        init_fn: ``init_fn(params, options) -> state``.
+        init_fn: ``init_fn(params, hyperparams, options) -> state``.
         update_fn: ``update_fn(params, grads, state, hyperparams, options) -> (params, state)``.
+        check_fn: optional ``check_fn(hyperparams, options)`` that raises ``ValueError`` for
+            invalid values; run by :meth:`replace`.
     """
 
     name: str
@@ -40,10 +44,70 @@ class Optimizer:
     options: Mapping[str, Any]
     init_fn: Callable[[PyTree, Mapping[str, Any]], PyTree]
     update_fn: Callable[..., tuple[PyTree, PyTree]]
+    check_fn: Callable[[Mapping[str, Any], Mapping[str, Any]], None] | None = dataclasses.field(
+        default=None, repr=False, compare=False
+    )
 
-    def init(self, params: PyTree, /) -> PyTree:
-        """Create the optimizer state for ``params`` (a pytree; never modifies ``params``)."""
-        return self.init_fn(params, self.options)
+    def init(self, params: PyTree, /, *, hyperparams: Mapping[str, Any] | None = None) -> PyTree:
+        """Create the optimizer state for ``params`` (a pytree; never modifies ``params``).
+
+        Args:
+            params: the parameters the optimizer will update.
+            hyperparams: optional replacements for some of :attr:`hyperparams` (only Adagrad's
+                ``initial_accumulator_value`` enters the initial state).
+
+        Examples:
+            >>> state = hg.optim.adam(lr=0.1).init({"w": torch.zeros(3)})
+            >>> type(state).__name__, state.step
+            ('AdamState', tensor(0.))
+        """
+        return self.init_fn(params, self._merge(hyperparams, "init"), self.options)
+
+    def _merge(self, hyperparams: Mapping[str, Any] | None, method: str) -> Mapping[str, Any]:
+        if hyperparams is None:
+            return self.hyperparams
+        if not isinstance(hyperparams, Mapping):
+            raise ValueError(
+                f"hg.optim.{self.name}.{method}: hyperparams must be a dict such as "
+                f"{{'lr': torch.tensor(0.1)}}, got a {type(hyperparams).__name__}."
+            )
+        unknown = [k for k in hyperparams if k not in self.hyperparams]
+        if unknown:
+            known = ", ".join(self.hyperparams)
+            raise ValueError(
+                f"hg.optim.{self.name}.{method}: unknown hyperparameter {unknown[0]!r}; this "
+                f"optimizer has: {known}. Static options ({', '.join(self.options)}) are changed "
+                "with opt.replace(...), not per step."
+            )
+        return {**self.hyperparams, **hyperparams}
+
+    def tensor_hyperparams(
+        self, *, dtype: torch.dtype | None = None, device: torch.device | str | None = None
+    ) -> dict[str, Any]:
+        """The hyperparameters with every number turned into a 0-d tensor (tensors kept as is).
+
+        The result is the natural input of a function you differentiate with ``torch.func``:
+        pass it (or a function of it) as ``hyperparams=`` to :meth:`step`.
+
+        Args:
+            dtype: dtype of the new tensors; use the params' dtype (default: torch's default).
+            device: device of the new tensors.
+
+        Examples:
+            >>> hg.optim.sgd(lr=0.1, momentum=0.9).tensor_hyperparams(dtype=torch.float64)["lr"]
+            tensor(0.1000, dtype=torch.float64)
+        """
+
+        def convert(value: Any) -> Any:
+            if isinstance(value, torch.Tensor):
+                return value
+            if isinstance(value, tuple):
+                return tuple(convert(v) for v in value)
+            if isinstance(value, Mapping):
+                return {k: convert(v) for k, v in value.items()}
+            return torch.tensor(float(value), dtype=dtype, device=device)
+
+        return {k: convert(v) for k, v in self.hyperparams.items()}
 
     def step(
         self,
@@ -60,11 +124,21 @@ class Optimizer:
             params: the current parameters.
             grads: gradients with the same structure as ``params``.
             state: the state returned by :meth:`init` or a previous :meth:`step`.
-            hyperparams: optional replacement for :attr:`hyperparams` (same keys); pass tensors
-                here to differentiate with respect to them.
+            hyperparams: optional replacements for some or all of :attr:`hyperparams` (missing
+                names keep their value); pass tensors here to differentiate with respect to them.
+
+        Raises:
+            ValueError: ``grads`` or the state's buffers are not keyed like ``params``, or an
+                unknown hyperparameter name is given.
+
+        Examples:
+            >>> opt = hg.optim.sgd(lr=0.5)
+            >>> params = {"w": torch.tensor([1.0, 2.0])}
+            >>> new, state = opt.step(params, {"w": torch.tensor([1.0, 1.0])}, opt.init(params))
+            >>> new["w"]
+            tensor([0.5000, 1.5000])
         """
-        hp = self.hyperparams if hyperparams is None else hyperparams
-        return self.update_fn(params, grads, state, hp, self.options)
+        return self.update_fn(params, grads, state, self._merge(hyperparams, "step"), self.options)
 
     def replace(self, **changes: Any) -> Optimizer:
         """Return a copy with some hyperparameters or options replaced, e.g. ``opt.replace(lr=t)``.
@@ -83,6 +157,8 @@ class Optimizer:
                 raise ValueError(
                     f"{self.name}.replace: unknown name {key!r}; this optimizer has: {known}."
                 )
+        if self.check_fn is not None:
+            self.check_fn(hp, opts)
         return dataclasses.replace(self, hyperparams=hp, options=opts)
 
     def __repr__(self) -> str:

@@ -1,0 +1,233 @@
+"""Adam and AdamW, as ``torch.optim.Adam`` and ``torch.optim.AdamW``."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import torch
+
+from hypergrad.optim._base import Optimizer
+from hypergrad.optim._common import (
+    build,
+    check_form,
+    check_range,
+    is_number,
+    is_zero,
+    register_states,
+    safe_sqrt,
+)
+from hypergrad.tree import PyTree
+
+__all__ = ["AdamState", "adam", "adamw"]
+
+Hyper = float | torch.Tensor | Mapping[str, Any]
+
+
+class AdamState(NamedTuple):
+    """State of :func:`adam` and :func:`adamw` (the names of torch.optim's state entries).
+
+    Attributes:
+        step: number of steps taken (a 0-d float tensor, as torch.optim's ``state["step"]``).
+        exp_avg: first-moment running average, a tree keyed like the params.
+        exp_avg_sq: second-moment running average, keyed like the params.
+        max_exp_avg_sq: running maximum of ``exp_avg_sq`` with ``amsgrad=True``, else ``None``.
+    """
+
+    step: torch.Tensor
+    exp_avg: PyTree
+    exp_avg_sq: PyTree
+    max_exp_avg_sq: PyTree | None
+
+
+def _adam_math(
+    p: torch.Tensor,
+    g: torch.Tensor,
+    bufs: dict[str, torch.Tensor | None],
+    step: torch.Tensor,
+    hp: Mapping[str, Any],
+    options: Mapping[str, Any],
+    *,
+    decoupled: bool,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor | None]]:
+    # Op order of torch.optim.adam._single_tensor_adam (its differentiable branch where a
+    # hyperparameter is a tensor) and _multi_tensor_adam.
+    lr, (beta1, beta2), eps, wd = hp["lr"], hp["betas"], hp["eps"], hp["weight_decay"]
+    if options["maximize"]:
+        g = -g
+    if not is_zero(wd):
+        if decoupled:
+            p = p * (1 - lr * wd)
+        elif is_number(wd):
+            g = torch.add(g, p, alpha=wd)
+        else:
+            g = g + wd * p
+    exp_avg = torch.lerp(bufs["exp_avg"], g, 1 - beta1)  # type: ignore[arg-type]
+    v = bufs["exp_avg_sq"]
+    if is_number(beta2):
+        exp_avg_sq = torch.addcmul(v * beta2, g, g, value=1 - beta2)  # type: ignore[operator]
+    else:
+        exp_avg_sq = torch.lerp(v, g * g, 1 - beta2)  # type: ignore[arg-type]
+    # Scalar maths in float64, as torch.optim does it in Python floats.
+    t = step.to(torch.float64)
+    bias_correction1 = 1 - beta1**t
+    bias_correction2 = 1 - beta2**t
+    step_size = lr / bias_correction1
+    max_sq = None
+    if options["amsgrad"]:
+        max_sq = torch.maximum(bufs["max_exp_avg_sq"], exp_avg_sq)  # type: ignore[arg-type]
+        second = max_sq
+    else:
+        second = exp_avg_sq
+    denom = safe_sqrt(second) / torch.sqrt(bias_correction2) + eps
+    # (value * exp_avg) / denom, the evaluation order of torch's addcdiv kernel.
+    new_p = p + exp_avg * (-step_size) / denom
+    return new_p, {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq, "max_exp_avg_sq": max_sq}
+
+
+def _math_l2(*args: Any) -> Any:
+    return _adam_math(*args, decoupled=False)
+
+
+def _math_decoupled(*args: Any) -> Any:
+    return _adam_math(*args, decoupled=True)
+
+
+def _checker(caller: str) -> Any:
+    def check(hp: Mapping[str, Any], options: Mapping[str, Any]) -> None:
+        betas = hp["betas"]
+        if not (isinstance(betas, tuple | list) and len(betas) == 2):
+            raise ValueError(
+                f"{caller}: betas must be a tuple of two values, e.g. (0.9, 0.999); got {betas!r}."
+            )
+        for name in ("lr", "eps", "weight_decay"):
+            check_form(caller, name, hp[name])
+            check_range(caller, name, hp[name])
+        for i, beta in enumerate(betas):
+            check_form(caller, f"betas[{i}]", beta)
+            check_range(caller, f"betas[{i}]", beta, low=0.0, high=1.0)
+
+    return check
+
+
+def _buffers(hp: Mapping[str, Any], options: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "exp_avg": 0.0,
+        "exp_avg_sq": 0.0,
+        "max_exp_avg_sq": 0.0 if options["amsgrad"] else None,
+    }
+
+
+def adam(
+    lr: Hyper = 1e-3,
+    betas: tuple[Hyper, Hyper] = (0.9, 0.999),
+    eps: Hyper = 1e-8,
+    weight_decay: Hyper = 0,
+    amsgrad: bool = False,
+    *,
+    maximize: bool = False,
+) -> Optimizer:
+    """Functional ``torch.optim.Adam``: same options, defaults and numerics, pure and differentiable.
+
+    Hyperparameters may be floats, 0-d tensors, per-parameter dicts keyed like the params, or
+    tensors shaped like the parameter; ``betas`` is a tuple of two such values. The update
+    follows torch.optim op for op (``lerp`` for ``exp_avg``, ``addcmul`` for ``exp_avg_sq``,
+    bias corrections ``1 - beta**step``), so a trajectory matches ``torch.optim.Adam`` (foreach
+    or not) to rounding.
+
+    The square root of ``exp_avg_sq`` is taken with the double-``where`` trick (``sqrt`` of
+    ``where(v > 0, v, 1)``, then ``where(v > 0, ..., 0)``): the forward values are exactly
+    ``sqrt(v)``, and where a gradient element is exactly zero (``v == 0``) the backward is 0
+    instead of ``inf * 0 = nan``.
+
+    Args:
+        lr: learning rate.
+        betas: coefficients of the running averages of the gradient and its square.
+        eps: added to the denominator.
+        weight_decay: L2 penalty added to the gradient.
+        amsgrad: use the running maximum of the second moment (AMSGrad).
+        maximize: ascend instead of descend.
+
+    Returns:
+        An :class:`Optimizer` whose state is :class:`AdamState`.
+
+    Raises:
+        ValueError: a negative ``lr``, ``eps`` or ``weight_decay``, or a beta outside [0, 1).
+
+    Examples:
+        The gradient of a later loss with respect to every hyperparameter at once:
+
+        >>> opt = hg.optim.adam(lr=0.1)
+        >>> params = {"w": torch.tensor([1.0, -2.0], dtype=torch.float64)}
+        >>> def loss_after(hp):
+        ...     p, s = params, opt.init(params)
+        ...     for _ in range(3):
+        ...         p, s = opt.step(p, {"w": 2 * p["w"]}, s, hyperparams=hp)
+        ...     return (p["w"] ** 2).sum()
+        >>> hp = opt.tensor_hyperparams(dtype=torch.float64)
+        >>> grads = torch.func.grad(loss_after)(hp)
+        >>> sorted(grads), round(grads["lr"].item(), 4)
+        (['betas', 'eps', 'lr', 'weight_decay'], -14.3107)
+    """
+    hyperparams = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}
+    options = {"amsgrad": amsgrad, "maximize": maximize}
+    return build(
+        "adam",
+        AdamState,
+        hyperparams,
+        options,
+        buffers=_buffers,
+        math=_math_l2,
+        check=_checker("hg.optim.adam"),
+    )
+
+
+def adamw(
+    lr: Hyper = 1e-3,
+    betas: tuple[Hyper, Hyper] = (0.9, 0.999),
+    eps: Hyper = 1e-8,
+    weight_decay: Hyper = 1e-2,
+    amsgrad: bool = False,
+    *,
+    maximize: bool = False,
+) -> Optimizer:
+    """Functional ``torch.optim.AdamW``: Adam with decoupled weight decay.
+
+    The parameters are first multiplied by ``1 - lr * weight_decay``, then take the Adam step
+    of :func:`adam` (same hyperparameter forms, same zero-safe square root).
+
+    Args:
+        lr: learning rate.
+        betas: coefficients of the running averages of the gradient and its square.
+        eps: added to the denominator.
+        weight_decay: decoupled weight decay (default 1e-2, as torch).
+        amsgrad: use the running maximum of the second moment (AMSGrad).
+        maximize: ascend instead of descend.
+
+    Returns:
+        An :class:`Optimizer` whose state is :class:`AdamState`.
+
+    Raises:
+        ValueError: a negative ``lr``, ``eps`` or ``weight_decay``, or a beta outside [0, 1).
+
+    Examples:
+        >>> opt = hg.optim.adamw(lr=0.1, weight_decay=0.5)
+        >>> params = {"w": torch.tensor([1.0, -2.0])}
+        >>> new, state = opt.step(params, {"w": torch.tensor([0.0, 1.0])}, opt.init(params))
+        >>> new["w"], state.step
+        (tensor([ 0.9500, -2.0000]), tensor(1.))
+    """
+    hyperparams = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}
+    options = {"amsgrad": amsgrad, "maximize": maximize}
+    return build(
+        "adamw",
+        AdamState,
+        hyperparams,
+        options,
+        buffers=_buffers,
+        math=_math_decoupled,
+        check=_checker("hg.optim.adamw"),
+    )
+
+
+register_states(AdamState)

@@ -1,0 +1,146 @@
+"""Stochastic gradient descent with momentum, as ``torch.optim.SGD``."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import torch
+
+from hypergrad.optim._base import Optimizer
+from hypergrad.optim._common import (
+    _values,
+    axpy,
+    build,
+    check_form,
+    check_range,
+    is_zero,
+    register_states,
+)
+from hypergrad.tree import PyTree
+
+__all__ = ["SGDState", "sgd"]
+
+
+class SGDState(NamedTuple):
+    """State of :func:`sgd`.
+
+    Attributes:
+        step: number of steps taken (a 0-d float tensor, as torch.optim's counters).
+        momentum_buffer: a tree keyed like the params, or ``None`` without momentum.
+    """
+
+    step: torch.Tensor
+    momentum_buffer: PyTree | None
+
+
+def _math(
+    p: torch.Tensor,
+    g: torch.Tensor,
+    bufs: dict[str, torch.Tensor | None],
+    step: torch.Tensor,
+    hp: Mapping[str, Any],
+    options: Mapping[str, Any],
+) -> tuple[torch.Tensor, dict[str, torch.Tensor | None]]:
+    # Op for op as torch.optim.sgd._single_tensor_sgd / _multi_tensor_sgd.
+    if options["maximize"]:
+        g = -g
+    if not is_zero(hp["weight_decay"]):
+        g = axpy(g, hp["weight_decay"], p)
+    buf = bufs["momentum_buffer"]
+    if buf is not None:
+        momentum = hp["momentum"]
+        # torch starts the buffer as a copy of the first gradient (no dampening on step 1).
+        buf = torch.where(step == 1, g, axpy(buf * momentum, 1 - hp["dampening"], g))
+        g = axpy(g, momentum, buf) if options["nesterov"] else buf
+    lr = hp["lr"]
+    return axpy(p, -lr, g), {"momentum_buffer": buf}
+
+
+def _check(hp: Mapping[str, Any], options: Mapping[str, Any]) -> None:
+    caller = "hg.optim.sgd"
+    for name, value in hp.items():
+        check_form(caller, name, value)
+    check_range(caller, "lr", hp["lr"])
+    check_range(caller, "momentum", hp["momentum"])
+    check_range(caller, "weight_decay", hp["weight_decay"])
+    if options["nesterov"]:
+        no_momentum = is_zero(hp["momentum"]) or any(v <= 0 for _, v in _values(hp["momentum"]))
+        damped = any(v != 0 for _, v in _values(hp["dampening"]))
+        if no_momentum or damped:
+            raise ValueError(
+                f"{caller}: nesterov=True requires a momentum > 0 and zero dampening (as "
+                f"torch.optim.SGD); got momentum={hp['momentum']!r}, "
+                f"dampening={hp['dampening']!r}. Pass e.g. momentum=0.9, dampening=0."
+            )
+
+
+def _buffers(hp: Mapping[str, Any], options: Mapping[str, Any]) -> dict[str, Any]:
+    return {"momentum_buffer": None if is_zero(hp["momentum"]) else 0.0}
+
+
+def sgd(
+    lr: float | torch.Tensor | Mapping[str, Any] = 1e-3,
+    momentum: float | torch.Tensor | Mapping[str, Any] = 0,
+    dampening: float | torch.Tensor | Mapping[str, Any] = 0,
+    weight_decay: float | torch.Tensor | Mapping[str, Any] = 0,
+    nesterov: bool = False,
+    *,
+    maximize: bool = False,
+) -> Optimizer:
+    """Functional ``torch.optim.SGD``: same options, defaults and numerics, pure and differentiable.
+
+    Every hyperparameter may be a float, a 0-d tensor (which may require grad), a per-parameter
+    dict keyed like the params, or a tensor shaped like the parameter. The momentum buffer
+    exists iff ``momentum`` is not the number 0 (a tensor momentum always has one). As in torch,
+    the buffer starts as the first (weight-decayed) gradient.
+
+    Args:
+        lr: learning rate.
+        momentum: momentum factor.
+        dampening: dampening for momentum.
+        weight_decay: L2 penalty added to the gradient.
+        nesterov: Nesterov momentum (needs ``momentum > 0`` and zero dampening).
+        maximize: ascend instead of descend.
+
+    Returns:
+        An :class:`Optimizer` whose state is :class:`SGDState`.
+
+    Raises:
+        ValueError: a negative ``lr``, ``momentum`` or ``weight_decay``, or nesterov without
+            momentum or with dampening.
+
+    Examples:
+        Differentiate the loss after two steps with respect to the learning rate:
+
+        >>> opt = hg.optim.sgd(lr=0.1, momentum=0.9)
+        >>> params = {"w": torch.tensor([1.0, -2.0])}
+        >>> def loss_after(hp):
+        ...     p, s = params, opt.init(params)
+        ...     for _ in range(2):
+        ...         p, s = opt.step(p, {"w": 2 * p["w"]}, s, hyperparams=hp)
+        ...     return (p["w"] ** 2).sum()
+        >>> grad = torch.func.grad(loss_after)({"lr": torch.tensor(0.1)})
+        >>> round(grad["lr"].item(), 4)
+        -23.0
+
+        A tensor learning rate that requires grad works with plain autograd too:
+
+        >>> lr = torch.tensor(0.1, requires_grad=True)
+        >>> opt = hg.optim.sgd(lr=lr)
+        >>> new, _ = opt.step(params, {"w": torch.ones(2)}, opt.init(params))
+        >>> new["w"].sum().backward()
+        >>> lr.grad
+        tensor(-2.)
+    """
+    hyperparams = {
+        "lr": lr,
+        "momentum": momentum,
+        "dampening": dampening,
+        "weight_decay": weight_decay,
+    }
+    options = {"nesterov": nesterov, "maximize": maximize}
+    return build("sgd", SGDState, hyperparams, options, buffers=_buffers, math=_math, check=_check)
+
+
+register_states(SGDState)
