@@ -4,8 +4,19 @@ Differentiate through training: the gradient of a loss after K optimizer steps w
 another model, learning rates, weight decays, per-example weights or the initial weights.
 """
 
-from hypergrad import optim, tree
+from hypergrad import nn, optim, tree
+from hypergrad.nn import call, load, split, stack, unstack
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "optim", "tree"]
+__all__ = [
+    "__version__",
+    "call",
+    "load",
+    "nn",
+    "optim",
+    "split",
+    "stack",
+    "tree",
+    "unstack",
+]
