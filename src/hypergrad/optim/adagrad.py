@@ -1,0 +1,120 @@
+"""Adagrad, as ``torch.optim.Adagrad``."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import torch
+
+from hypergrad.optim._base import Optimizer
+from hypergrad.optim._common import (
+    axpy,
+    build,
+    check_form,
+    check_range,
+    is_zero,
+    register_states,
+    safe_sqrt,
+)
+from hypergrad.tree import PyTree
+
+__all__ = ["AdagradState", "adagrad"]
+
+Hyper = float | torch.Tensor | Mapping[str, Any]
+
+
+class AdagradState(NamedTuple):
+    """State of :func:`adagrad` (the names of torch.optim's state entries).
+
+    Attributes:
+        step: number of steps taken (a 0-d float tensor).
+        sum: running sum of squared gradients (starts at ``initial_accumulator_value``).
+    """
+
+    step: torch.Tensor
+    sum: PyTree
+
+
+def _math(
+    p: torch.Tensor,
+    g: torch.Tensor,
+    bufs: dict[str, torch.Tensor | None],
+    step: torch.Tensor,
+    hp: Mapping[str, Any],
+    options: Mapping[str, Any],
+) -> tuple[torch.Tensor, dict[str, torch.Tensor | None]]:
+    # Op order of torch.optim.adagrad._single_tensor_adagrad / _multi_tensor_adagrad.
+    if options["maximize"]:
+        g = -g
+    if not is_zero(hp["weight_decay"]):
+        g = axpy(g, hp["weight_decay"], p)
+    t = step.to(torch.float64)  # scalar maths in float64, as torch's Python floats
+    clr = hp["lr"] / (1 + (t - 1) * hp["lr_decay"])
+    state_sum = torch.addcmul(bufs["sum"], g, g, value=1)  # type: ignore[arg-type]
+    std = safe_sqrt(state_sum) + hp["eps"]
+    return p + g * (-clr) / std, {"sum": state_sum}
+
+
+def _check(hp: Mapping[str, Any], options: Mapping[str, Any]) -> None:
+    for name, value in hp.items():
+        check_form("hg.optim.adagrad", name, value)
+        check_range("hg.optim.adagrad", name, value)
+
+
+def _buffers(hp: Mapping[str, Any], options: Mapping[str, Any]) -> dict[str, Any]:
+    return {"sum": hp["initial_accumulator_value"]}
+
+
+def adagrad(
+    lr: Hyper = 1e-2,
+    lr_decay: Hyper = 0,
+    weight_decay: Hyper = 0,
+    initial_accumulator_value: Hyper = 0,
+    eps: Hyper = 1e-10,
+    *,
+    maximize: bool = False,
+) -> Optimizer:
+    """Functional ``torch.optim.Adagrad``: same options, defaults and numerics, differentiable.
+
+    Hyperparameters may be floats, 0-d tensors, per-parameter dicts or per-element tensors.
+    ``initial_accumulator_value`` enters the state made by ``opt.init``; to differentiate with
+    respect to it pass it to ``opt.init(params, hyperparams={...})``. The square root is
+    zero-safe (double-``where`` trick, see :func:`hypergrad.optim.adam`).
+
+    Args:
+        lr: learning rate.
+        lr_decay: learning-rate decay: step ``k`` uses ``lr / (1 + (k - 1) * lr_decay)``.
+        weight_decay: L2 penalty added to the gradient.
+        initial_accumulator_value: starting value of the sum of squared gradients.
+        eps: added to the denominator.
+        maximize: ascend instead of descend.
+
+    Returns:
+        An :class:`Optimizer` whose state is :class:`AdagradState`.
+
+    Raises:
+        ValueError: a negative ``lr``, ``lr_decay``, ``weight_decay``,
+            ``initial_accumulator_value`` or ``eps``.
+
+    Examples:
+        >>> opt = hg.optim.adagrad(lr=0.5, initial_accumulator_value=3.0)
+        >>> params = {"w": torch.tensor([1.0, -2.0])}
+        >>> new, state = opt.step(params, {"w": torch.tensor([0.0, 1.0])}, opt.init(params))
+        >>> new["w"], state.sum["w"]
+        (tensor([ 1.0000, -2.2500]), tensor([3., 4.]))
+    """
+    hyperparams = {
+        "lr": lr,
+        "lr_decay": lr_decay,
+        "weight_decay": weight_decay,
+        "initial_accumulator_value": initial_accumulator_value,
+        "eps": eps,
+    }
+    options = {"maximize": maximize}
+    return build(
+        "adagrad", AdagradState, hyperparams, options, buffers=_buffers, math=_math, check=_check
+    )
+
+
+register_states(AdagradState)

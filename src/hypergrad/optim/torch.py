@@ -1,0 +1,193 @@
+"""Build a functional optimizer from a ``torch.optim`` instance."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from hypergrad.optim._base import Optimizer
+from hypergrad.optim.adagrad import adagrad
+from hypergrad.optim.adam import adam, adamw
+from hypergrad.optim.rmsprop import rmsprop
+from hypergrad.optim.sgd import sgd
+
+__all__ = ["from_torch"]
+
+_CALLER = "hg.optim.from_torch"
+# class -> (hyperparameter names, option names); "decoupled_weight_decay" picks adam or adamw.
+_FAMILIES: dict[type, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    torch.optim.SGD: (("lr", "momentum", "dampening", "weight_decay"), ("nesterov", "maximize")),
+    torch.optim.Adam: (("lr", "betas", "eps", "weight_decay"), ("amsgrad", "maximize")),
+    torch.optim.AdamW: (("lr", "betas", "eps", "weight_decay"), ("amsgrad", "maximize")),
+    torch.optim.RMSprop: (
+        ("lr", "alpha", "eps", "weight_decay", "momentum"),
+        ("centered", "maximize"),
+    ),
+    torch.optim.Adagrad: (
+        ("lr", "lr_decay", "weight_decay", "initial_accumulator_value", "eps"),
+        ("maximize",),
+    ),
+}
+# Group entries that only choose an implementation (results are identical) or that schedulers add.
+_IGNORED = {"params", "foreach", "differentiable", "initial_lr", "decoupled_weight_decay"}
+
+
+def _names(torch_optimizer: torch.optim.Optimizer, module_or_names: Any) -> list[list[str]]:
+    groups = [g["params"] for g in torch_optimizer.param_groups]
+    flat = [p for g in groups for p in g]
+    if isinstance(module_or_names, torch.nn.Module):
+        by_id = {id(p): n for n, p in module_or_names.named_parameters()}
+        missing = [i for i, p in enumerate(flat) if id(p) not in by_id]
+        if missing:
+            raise ValueError(
+                f"{_CALLER}: the optimizer's parameter number {missing[0]} (shape "
+                f"{tuple(flat[missing[0]].shape)}) is not a parameter of the module; pass the "
+                "module the optimizer was built for, or a list of names."
+            )
+        in_opt = {id(p) for p in flat}
+        left = [n for n, p in module_or_names.named_parameters() if id(p) not in in_opt]
+        if left:
+            raise ValueError(
+                f"{_CALLER}: module parameter {left[0]!r} is not in the optimizer, so the "
+                "functional optimizer would not know how to update it. Pass the names of the "
+                "optimized parameters as a list, and step only those (e.g. with "
+                "hg.tree.partition)."
+            )
+        names = [by_id[id(p)] for p in flat]
+    elif isinstance(module_or_names, Sequence) and not isinstance(module_or_names, str):
+        names = [str(n) for n in module_or_names]
+        if len(names) != len(flat):
+            raise ValueError(
+                f"{_CALLER}: got {len(names)} names for the optimizer's {len(flat)} "
+                "parameters; give one name per parameter, in the order of its param_groups."
+            )
+        if len(set(names)) != len(names):
+            dup = next(n for n in names if names.count(n) > 1)
+            raise ValueError(f"{_CALLER}: the name {dup!r} is given twice; names must be unique.")
+    else:
+        raise ValueError(
+            f"{_CALLER}: module_or_names must be the nn.Module whose parameters the optimizer "
+            f"holds, or a list of parameter names; got a {type(module_or_names).__name__}."
+        )
+    out, i = [], 0
+    for g in groups:
+        out.append(names[i : i + len(g)])
+        i += len(g)
+    return out
+
+
+def _same(values: list[Any]) -> bool:
+    first = values[0]
+    if isinstance(first, torch.Tensor):
+        return all(v is first for v in values)
+    return all(not isinstance(v, torch.Tensor) and v == first for v in values)
+
+
+def _merge(values: list[Any], names: list[list[str]]) -> Any:
+    """One value if every group agrees, else a per-parameter dict keyed by name."""
+    if _same(values):
+        return values[0]
+    return {n: v for v, group in zip(values, names) for n in group}
+
+
+def from_torch(torch_optimizer: torch.optim.Optimizer, module_or_names: Any, /) -> Optimizer:
+    """The functional optimizer equivalent to a ``torch.optim`` instance.
+
+    Supports ``SGD``, ``Adam``, ``AdamW``, ``RMSprop`` and ``Adagrad``, with or without
+    ``differentiable=True`` and ``foreach``. Several param groups with different
+    hyperparameters become per-parameter dicts keyed by parameter name; a hyperparameter that
+    is a tensor in the group (e.g. a learning rate that requires grad) stays that tensor, so
+    gradients flow into it. The optimizer's existing state (``exp_avg`` ...) is not imported:
+    ``opt.init(params)`` starts fresh.
+
+    Args:
+        torch_optimizer: the torch optimizer to mirror (it is only read).
+        module_or_names: the module whose ``named_parameters()`` the optimizer holds, or a list
+            of names, one per parameter in the order of ``param_groups``.
+
+    Returns:
+        The equivalent :class:`Optimizer`; use it on params keyed by those names, e.g.
+        ``hg.split(module)[0]``.
+
+    Raises:
+        ValueError: an unsupported optimizer class; ``fused=True`` or ``capturable=True``; a
+            group entry this library does not know; static options (``nesterov``,
+            ``amsgrad``, ``centered``, ``maximize``) that differ between groups; parameters
+            and names that do not match.
+
+    Examples:
+        >>> model = torch.nn.Linear(2, 1)
+        >>> torch_opt = torch.optim.Adam(
+        ...     [{"params": [model.weight], "lr": 0.1}, {"params": [model.bias]}], lr=0.01
+        ... )
+        >>> opt = hg.optim.from_torch(torch_opt, model)
+        >>> opt.name, opt.hyperparams["lr"]
+        ('adam', {'weight': 0.1, 'bias': 0.01})
+    """
+    cls = type(torch_optimizer)
+    if cls not in _FAMILIES:
+        supported = ", ".join(c.__name__ for c in _FAMILIES)
+        raise ValueError(
+            f"{_CALLER}: unsupported optimizer class {cls.__module__}.{cls.__qualname__}; "
+            f"supported: {supported} (exact classes). Build the functional optimizer directly, "
+            "e.g. hg.optim.adam(...)."
+        )
+    hp_names, option_names = _FAMILIES[cls]
+    groups = torch_optimizer.param_groups
+    for i, group in enumerate(groups):
+        for flag in ("fused", "capturable"):
+            if group.get(flag):
+                raise ValueError(
+                    f"{_CALLER}: param_groups[{i}] has {flag}=True, which a functional "
+                    f"optimizer cannot honour; rebuild the torch optimizer with {flag}=False "
+                    "(the numerics are the same)."
+                )
+        known = set(hp_names) | set(option_names) | _IGNORED | {"fused", "capturable"}
+        unknown = sorted(set(group) - known)
+        if unknown:
+            raise ValueError(
+                f"{_CALLER}: param_groups[{i}] has the entry {unknown[0]!r}, which "
+                f"hg.optim cannot honour for {cls.__name__}; remove it from the group."
+            )
+    names = _names(torch_optimizer, module_or_names)
+    options = {}
+    for name in option_names:
+        values = [g[name] for g in groups]
+        if not _same(values):
+            raise ValueError(
+                f"{_CALLER}: the option {name!r} differs between param groups ({values}); "
+                "a functional optimizer has one value. Use one group per optimizer."
+            )
+        options[name] = values[0]
+    hp: dict[str, Any] = {}
+    for name in hp_names:
+        if name == "betas":
+            hp[name] = tuple(_merge([g["betas"][k] for g in groups], names) for k in range(2))
+        else:
+            hp[name] = _merge([g[name] for g in groups], names)
+    if cls is torch.optim.SGD:
+        momenta = [g["momentum"] for g in groups]
+        if any(
+            isinstance(m, float | int) and m == 0 and g["dampening"] != 0
+            for m, g in zip(momenta, groups)
+        ) and not _same(momenta):
+            raise ValueError(
+                f"{_CALLER}: a group without momentum but with dampening != 0 next to a group "
+                "with momentum cannot be mirrored exactly; set dampening=0 in that group."
+            )
+        return sgd(**hp, **options)
+    if cls in (torch.optim.Adam, torch.optim.AdamW):
+        decoupled = [
+            bool(g.get("decoupled_weight_decay", cls is torch.optim.AdamW)) for g in groups
+        ]
+        if not _same(decoupled):
+            raise ValueError(
+                f"{_CALLER}: decoupled_weight_decay differs between param groups; use one "
+                "value for all groups."
+            )
+        return (adamw if decoupled[0] else adam)(**hp, **options)
+    if cls is torch.optim.RMSprop:
+        return rmsprop(**hp, **options)
+    return adagrad(**hp, **options)
