@@ -5,18 +5,28 @@ another model, learning rates, weight decays, per-example weights or the initial
 """
 
 from hypergrad import nn, optim, tree
+from hypergrad.hypergradient import Hypergradient, hypergrad
+from hypergrad.methods import Checkpointed, Forward, Truncated
 from hypergrad.nn import call, load, split, stack, unstack
+from hypergrad.unroll import Trajectory, unroll
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Checkpointed",
+    "Forward",
+    "Hypergradient",
+    "Trajectory",
+    "Truncated",
     "__version__",
     "call",
+    "hypergrad",
     "load",
     "nn",
     "optim",
     "split",
     "stack",
     "tree",
+    "unroll",
     "unstack",
 ]

@@ -1,0 +1,44 @@
+"""How a hypergradient is taken: one engine (:mod:`hypergrad.unroll`), several methods.
+
+Each method receives a :class:`hypergrad.unroll.Problem` and returns a
+:class:`~hypergrad.methods._base.MethodResult`; it changes only how the loop is differentiated.
+"""
+
+from hypergrad.methods._base import Method, MethodResult
+from hypergrad.methods.checkpointed import Checkpointed
+from hypergrad.methods.first_order import FirstOrder
+from hypergrad.methods.forward import Forward
+from hypergrad.methods.reverse import Reverse
+from hypergrad.methods.truncated import Truncated
+
+__all__ = [
+    "Checkpointed",
+    "FirstOrder",
+    "Forward",
+    "Method",
+    "MethodResult",
+    "Reverse",
+    "Truncated",
+    "resolve",
+]
+
+_NAMES = {"reverse": Reverse, "forward": Forward, "first_order": FirstOrder}
+
+
+def resolve(method: str | Method, *, caller: str) -> Method:
+    """Turn ``"reverse"`` / ``"forward"`` / ``"first_order"`` or a method object into a method.
+
+    Examples:
+        >>> resolve("forward", caller="hg.hypergrad")
+        "forward"
+        >>> resolve(hg.Checkpointed(10), caller="hg.hypergrad")
+        hg.Checkpointed(10)
+    """
+    if isinstance(method, Method):
+        return method
+    if isinstance(method, str) and method in _NAMES:
+        return _NAMES[method]()
+    raise ValueError(
+        f"{caller}: unknown method {method!r}; use 'reverse', 'forward', 'first_order', "
+        "hg.Truncated(T), hg.Checkpointed(segment) or hg.Forward(chunk_size)."
+    )

@@ -1,0 +1,141 @@
+"""What every method shares: the method type, its result, and the leaf bookkeeping.
+
+A method turns a :class:`hypergrad.unroll.Problem` into a :class:`MethodResult`. It never builds
+a step: it declares what it needs from the step with two class attributes, ``first_order`` (the
+step must detach its inner gradient) and ``functional`` (the step must be transformable by
+torch.func), and whoever builds the problem (``hypergradient.py``, ``clients.py``) honours them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, NamedTuple
+
+import optree
+import torch
+
+from hypergrad import tree as _tree
+from hypergrad.tree import PyTree
+from hypergrad.unroll import Problem
+
+__all__ = ["Inputs", "Method", "MethodResult", "fresh_leaves", "leaf_inputs"]
+
+
+class MethodResult(NamedTuple):
+    """What a method returns.
+
+    Attributes:
+        value: the outer loss (detached 0-d tensor).
+        grads: the gradient of ``value`` for each key of :meth:`Problem.inputs`, shaped like it.
+        losses: the inner loss of each step, a detached 1-d tensor.
+        unused: key paths (e.g. ``"['aux']['w']"``) of input leaves that the outer loss does not
+            depend on at all (their gradient is identically zero); empty when the method cannot
+            tell (forward mode).
+    """
+
+    value: torch.Tensor
+    grads: dict[str, PyTree]
+    losses: torch.Tensor
+    unused: tuple[str, ...]
+
+
+class Inputs(NamedTuple):
+    """The differentiable inputs of a problem as fresh leaves that require grad."""
+
+    trees: dict[str, PyTree]
+    leaves: list[torch.Tensor]
+    paths: list[str]
+    spec: Any
+
+
+def leaf_inputs(problem: Problem) -> Inputs:
+    """Detached copies of the problem's differentiable inputs, each requiring grad.
+
+    The caller's tensors are never touched: ``detach()`` makes a new tensor object that shares
+    memory, and nothing here writes to it.
+    """
+    paths, flat, spec = optree.tree_flatten_with_path(problem.inputs(), namespace=_tree._NAMESPACE)
+    leaves = [x.detach().requires_grad_() for x in flat]
+    trees = optree.tree_unflatten(spec, leaves)
+    return Inputs(trees, leaves, [_tree.keystr(p) for p in paths], spec)
+
+
+def fresh_leaves(tree: PyTree) -> tuple[PyTree, list[int], list[torch.Tensor]]:
+    """Replace the floating-point leaves of ``tree`` by detached leaves that require grad.
+
+    Returns ``(new_tree, positions, leaves)``: the positions (in flattening order) of the
+    floating-point leaves and those new leaves.
+    """
+    flat, spec = optree.tree_flatten(tree, namespace=_tree._NAMESPACE)
+    positions, leaves, out = [], [], list(flat)
+    for i, x in enumerate(flat):
+        if isinstance(x, torch.Tensor) and x.is_floating_point():
+            leaf = x.detach().requires_grad_()
+            positions.append(i)
+            leaves.append(leaf)
+            out[i] = leaf
+    return optree.tree_unflatten(spec, out), positions, leaves
+
+
+def finish(
+    inputs: Inputs,
+    grads: list[torch.Tensor | None],
+    value: torch.Tensor,
+    losses: list[torch.Tensor],
+) -> MethodResult:
+    """Assemble a :class:`MethodResult`: zeros (and an ``unused`` entry) where a grad is None."""
+    unused = tuple(p for p, g in zip(inputs.paths, grads) if g is None)
+    full = [torch.zeros_like(x) if g is None else g for x, g in zip(inputs.leaves, grads)]
+    tree = optree.tree_unflatten(inputs.spec, full)
+    stacked = torch.stack([x.detach() for x in losses]) if losses else torch.zeros(0)
+    return MethodResult(value.detach(), dict(tree), stacked, unused)
+
+
+def grad_or_none(
+    outputs: list[torch.Tensor],
+    inputs: list[torch.Tensor],
+    grad_outputs: list[torch.Tensor | None] | None = None,
+) -> list[torch.Tensor | None]:
+    """``torch.autograd.grad`` that tolerates outputs without a graph (returns all None)."""
+    pairs = [
+        (o, g)
+        for o, g in zip(outputs, grad_outputs or [None] * len(outputs))
+        if o.requires_grad and (grad_outputs is None or g is not None)
+    ]
+    if not pairs or not inputs:
+        return [None] * len(inputs)
+    outs, gouts = zip(*pairs)
+    return list(
+        torch.autograd.grad(
+            list(outs),
+            inputs,
+            grad_outputs=None if grad_outputs is None else list(gouts),
+            allow_unused=True,
+        )
+    )
+
+
+class Method:
+    """Base class of the hypergradient methods.
+
+    Subclasses implement :meth:`__call__` and state their time and memory cost in their
+    docstring with K steps, T truncation, S segment, P parameters, D directions.
+    """
+
+    name: ClassVar[str] = "method"
+    #: The step must detach its inner gradient.
+    first_order: ClassVar[bool] = False
+    #: The step must be transformable by torch.func (``inner_grad="func"``).
+    functional: ClassVar[bool] = False
+
+    def validate(self, problem: Problem, *, caller: str) -> None:
+        """Raise ``ValueError`` if this method cannot differentiate ``problem`` as asked."""
+
+    def evaluations(self, problem: Problem) -> int:
+        """How many step evaluations a call makes (the progress bar's total)."""
+        return problem.steps
+
+    def __call__(self, problem: Problem) -> MethodResult:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f'"{self.name}"'
