@@ -93,6 +93,10 @@ def _math_decoupled(*args: Any) -> Any:
     return _adam_math(*args, decoupled=True)
 
 
+def _pair(betas: Any) -> Any:
+    return tuple(betas) if isinstance(betas, tuple | list) else betas
+
+
 def _checker(caller: str) -> Any:
     def check(hp: Mapping[str, Any], options: Mapping[str, Any]) -> None:
         betas = hp["betas"]
@@ -169,7 +173,7 @@ def adam(
         >>> sorted(grads), round(grads["lr"].item(), 4)
         (['betas', 'eps', 'lr', 'weight_decay'], -14.3107)
     """
-    hyperparams = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}
+    hyperparams = {"lr": lr, "betas": _pair(betas), "eps": eps, "weight_decay": weight_decay}
     options = {"amsgrad": amsgrad, "maximize": maximize}
     return build(
         "adam",
@@ -217,7 +221,7 @@ def adamw(
         >>> new["w"], state.step
         (tensor([ 0.9500, -2.0000]), tensor(1.))
     """
-    hyperparams = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}
+    hyperparams = {"lr": lr, "betas": _pair(betas), "eps": eps, "weight_decay": weight_decay}
     options = {"amsgrad": amsgrad, "maximize": maximize}
     return build(
         "adamw",
