@@ -343,7 +343,7 @@ def test_zero_gradient_elements_give_finite_gradients(family, opts):
         opt = family.make(**kwargs_of(hyper), **options)
         state = opt.init(p0, hyperparams=hp)
         p = p0
-        for n in noise:
+        for _ in noise:
             p, state = opt.step(p, {k: 0 * p[k] * extra[k] for k in p}, state, hyperparams=hp)
         p, state = opt.step(p, {k: CURV * p[k] + noise[0][k] for k in p}, state, hyperparams=hp)
         return sum((v**2).sum() for v in p.values())

@@ -99,7 +99,8 @@ def from_torch(torch_optimizer: torch.optim.Optimizer, module_or_names: Any, /) 
     ``differentiable=True`` and ``foreach``. Several param groups with different
     hyperparameters become per-parameter dicts keyed by parameter name; a hyperparameter that
     is a tensor in the group (e.g. a learning rate that requires grad) stays that tensor, so
-    gradients flow into it. The optimizer's existing state (``exp_avg`` ...) is not imported:
+    gradients flow into it. Adagrad's ``initial_accumulator_value`` is taken from the
+    constructor, as torch.optim.Adagrad does. The optimizer's existing state (``exp_avg`` ...) is not imported:
     ``opt.init(params)`` starts fresh.
 
     Args:
@@ -190,4 +191,7 @@ def from_torch(torch_optimizer: torch.optim.Optimizer, module_or_names: Any, /) 
         return (adamw if decoupled[0] else adam)(**hp, **options)
     if cls is torch.optim.RMSprop:
         return rmsprop(**hp, **options)
+    # torch.optim.Adagrad fills state["sum"] from its constructor argument (its defaults), never
+    # from a group's own initial_accumulator_value; mirror that.
+    hp["initial_accumulator_value"] = torch_optimizer.defaults["initial_accumulator_value"]
     return adagrad(**hp, **options)
