@@ -4,7 +4,7 @@ Differentiate through training: the gradient of a loss after K optimizer steps w
 another model, learning rates, weight decays, per-example weights or the initial weights.
 """
 
-from hypergrad import nn, optim, tree
+from hypergrad import nn, optim, testing, tree
 from hypergrad.hypergradient import Hypergradient, hypergrad
 from hypergrad.methods import Checkpointed, Forward, Truncated
 from hypergrad.nn import call, load, split, stack, unstack
@@ -26,6 +26,7 @@ __all__ = [
     "optim",
     "split",
     "stack",
+    "testing",
     "tree",
     "unroll",
     "unstack",

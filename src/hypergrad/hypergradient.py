@@ -267,14 +267,23 @@ def hypergrad(
         grads = [g for g in _tree.leaves(result.grads) if isinstance(g, torch.Tensor)]
         if not all_finite(result.value, result.losses, *grads):
             _raise_nonfinite(problem, result.value, result.grads, caller)
+    prefix = "['aux']"
     for path in result.unused:
-        if path.startswith("['aux']"):
+        if path.startswith(prefix):
+            where = "aux" + path[len(prefix) :]
+            if how.first_order:
+                why = (
+                    "with method='first_order' (inner gradients held constant), so its "
+                    "hypergradient is identically zero. Use an exact method for aux that enters "
+                    "only the inner loss."
+                )
+            else:
+                why = (
+                    "through the unroll: its hypergradient is identically zero. Check that "
+                    "inner_loss or outer_loss uses it, or remove it from aux."
+                )
             warnings.warn(
-                f"{caller}: aux leaf aux{path[len(repr('aux')) + 2 :]} does not affect the outer "
-                "loss through the unroll: its hypergradient is identically zero. Check that "
-                "inner_loss or outer_loss uses it, or remove it from aux.",
-                UserWarning,
-                stacklevel=2,
+                f"{caller}: {where} does not affect the outer loss {why}", UserWarning, stacklevel=2
             )
     return Hypergradient(
         result.value,

@@ -45,8 +45,9 @@ clients) and hands it to any method unchanged. Methods declare what they need fr
 ``method.first_order`` (the step must detach its inner gradient) and ``method.functional`` (the
 step must be transformable by torch.func, i.e. ``inner_grad="func"``).
 
-**Randomness.** Step ``k`` runs inside ``torch.random.fork_rng`` seeded with ``seed + k``, where
-``seed`` is drawn once per call from the global generator (or passed by the user). Dropout masks
+**Randomness.** Step ``k`` runs inside ``torch.random.fork_rng`` seeded with ``seed + k`` (and the
+outer loss with ``seed + K``, see :meth:`Problem.value`), where ``seed`` is drawn once per call
+from the global generator (or passed by the user). Dropout masks
 are therefore identical when a method recomputes a step (checkpointing, forward-mode chunks), and
 the caller's global RNG stream advances by exactly one draw per call.
 
@@ -81,6 +82,7 @@ __all__ = [
     "locate_nonfinite",
     "make_step",
     "run_steps",
+    "seeded",
     "unroll",
 ]
 
@@ -354,6 +356,25 @@ class Batches:
 # The problem and the loop
 
 
+@contextlib.contextmanager
+def seeded(seed: int, devices: tuple[int, ...] = ()) -> Iterator[None]:
+    """Run the body with ``torch.manual_seed(seed)`` inside ``torch.random.fork_rng``.
+
+    The global generators (CPU and the given CUDA devices) are restored afterwards.
+
+    Examples:
+        >>> with seeded(3):
+        ...     a = torch.rand(1)
+        >>> with seeded(3):
+        ...     b = torch.rand(1)
+        >>> torch.equal(a, b)
+        True
+    """
+    with torch.random.fork_rng(devices=list(devices)):
+        torch.manual_seed(seed)
+        yield
+
+
 def draw_seed() -> int:
     """Draw the per-call base seed: exactly one draw from the global torch generator."""
     return int(torch.randint(0, 2**62, ()).item())
@@ -423,8 +444,9 @@ class Problem:
         return Carry(params, state, self.buffers), aux, hp
 
     def value(self, carry: Carry, aux: PyTree) -> torch.Tensor:
-        """The outer loss at ``carry``."""
-        return self.outer(carry.params, carry.buffers, aux)
+        """The outer loss at ``carry``, with its random numbers seeded by ``seed + K``."""
+        with seeded(self.seed + self.steps, self.devices):
+            return self.outer(carry.params, carry.buffers, aux)
 
 
 def run_steps(
@@ -445,8 +467,7 @@ def run_steps(
     params, state, buffers = carry
     for k in range(start, stop):
         batch = problem.batch_at(k)
-        with torch.random.fork_rng(devices=list(problem.devices)):
-            torch.manual_seed(problem.seed + k)
+        with seeded(problem.seed + k, problem.devices):
             params, state, buffers, loss = problem.step(
                 params, state, buffers, aux, hyperparams, batch
             )

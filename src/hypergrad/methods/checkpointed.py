@@ -25,6 +25,31 @@ def _add(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
     return a if b is None else a + b
 
 
+_Positions = tuple[list[int], list[int]]
+
+
+def _open(carry: Carry, with_buffers: bool) -> tuple[Carry, list[torch.Tensor], _Positions]:
+    """Fresh grad-requiring leaves for the float leaves of params and state (and buffers)."""
+    (params, state), pos_ps, leaves_ps = fresh_leaves((carry.params, carry.state))
+    buffers, pos_b, leaves_b = carry.buffers, [], []
+    if with_buffers:
+        buffers, pos_b, leaves_b = fresh_leaves(carry.buffers)
+    return Carry(params, state, buffers), leaves_ps + leaves_b, (pos_ps, pos_b)
+
+
+def _select(carry: Carry, positions: _Positions) -> list[torch.Tensor]:
+    flat_ps = optree.tree_leaves((carry.params, carry.state), namespace=_tree._NAMESPACE)
+    flat_b = optree.tree_leaves(carry.buffers, namespace=_tree._NAMESPACE)
+    return [flat_ps[p] for p in positions[0]] + [flat_b[p] for p in positions[1]]
+
+
+def _requires_grad(carry: Carry) -> bool:
+    return any(
+        isinstance(x, torch.Tensor) and x.requires_grad
+        for x in optree.tree_leaves(carry.buffers, namespace=_tree._NAMESPACE)
+    )
+
+
 class Checkpointed(Method):
     """Exact reverse-mode hypergradient with memory ``O(K / S + S)`` instead of ``O(K)``.
 
@@ -84,28 +109,34 @@ class Checkpointed(Method):
 
         acc: list[torch.Tensor | None] = [None] * len(inputs.leaves)
         cotangent: list[torch.Tensor | None] | None = None
-        positions: list[int] = []  # where the cotangent's leaves sit in the flattened carry
+        positions: _Positions = ([], [])  # where the cotangent's leaves sit in the carry
         value = torch.zeros(())
-        for i in reversed(range(len(starts))):
+        # Buffers are differentiated only if the step makes them a differentiable function of
+        # the carry (a functional moving average); BatchNorm's running statistics are not, and
+        # torch refuses running statistics that require grad. The last segment tells.
+        diff_buffers = False
+        i = len(starts) - 1
+        while i >= 0:
             s, e = starts[i], min(starts[i] + S, K)
             if i == 0:
-                c_in, c_leaves, positions_in = carry0, [], []
+                c_in, c_leaves, positions_in = carry0, [], ([], [])
             else:
-                tree_in, positions_in, c_leaves = fresh_leaves(tuple(stored[i]))
-                c_in = Carry(*tree_in)
+                c_in, c_leaves, positions_in = _open(stored[i], diff_buffers)
             with torch.enable_grad():
                 c_out, _ = run_steps(problem, c_in, aux, hp, s, e)
+                if cotangent is None and i > 0 and not diff_buffers and _requires_grad(c_out):
+                    diff_buffers = True
+                    continue  # redo the last segment with differentiable buffers
                 if cotangent is None:
                     value = problem.value(c_out, aux)
                     outs, gouts = [value], None
                 else:
-                    flat = optree.tree_leaves(tuple(c_out), namespace=_tree._NAMESPACE)
-                    outs = [flat[p] for p in positions]
-                    gouts = cotangent
+                    outs, gouts = _select(c_out, positions), cotangent
             grads = grad_or_none(outs, c_leaves + inputs.leaves, gouts)
             cotangent = grads[: len(c_leaves)]
             acc = [_add(a, g) for a, g in zip(acc, grads[len(c_leaves) :])]
             positions = positions_in
+            i -= 1
         return finish(inputs, acc, value, losses)
 
     def __repr__(self) -> str:

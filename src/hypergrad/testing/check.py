@@ -1,0 +1,260 @@
+"""``check_hypergrad``: a method's hypergradient against central finite differences."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import optree
+import torch
+
+from hypergrad import tree as _tree
+from hypergrad.hypergradient import Hypergradient, hypergrad
+from hypergrad.methods import Method
+from hypergrad.optim._base import Optimizer
+from hypergrad.tree import PyTree
+from hypergrad.unroll import Batches, seeded, unroll
+
+__all__ = ["DirectionCheck", "HypergradCheck", "check_hypergrad"]
+
+
+@dataclasses.dataclass(frozen=True)
+class DirectionCheck:
+    """One random direction: the analytic and the finite-difference directional derivative."""
+
+    analytic: float
+    numeric: float
+
+    @property
+    def abs_err(self) -> float:
+        """``|analytic - numeric|``."""
+        return abs(self.analytic - self.numeric)
+
+    @property
+    def rel_err(self) -> float:
+        """``abs_err / max(|analytic|, |numeric|)`` (0 when both are 0)."""
+        scale = max(abs(self.analytic), abs(self.numeric))
+        return self.abs_err / scale if scale else 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class HypergradCheck:
+    """The report of :func:`check_hypergrad`.
+
+    Attributes:
+        method: the method checked, as written (e.g. ``hg.Checkpointed(2)``).
+        wrt: what was differentiated.
+        directions: one :class:`DirectionCheck` per random direction.
+        rtol: the relative tolerance used.
+        atol: the absolute tolerance used.
+        hypergradient: the (float64) hypergradient that was checked.
+    """
+
+    method: str
+    wrt: tuple[str, ...]
+    directions: tuple[DirectionCheck, ...]
+    rtol: float
+    atol: float
+    hypergradient: Hypergradient
+
+    def ok(self, d: DirectionCheck) -> bool:
+        """Whether one direction is within tolerance: ``abs_err <= atol + rtol * scale``."""
+        return d.abs_err <= self.atol + self.rtol * max(abs(d.analytic), abs(d.numeric))
+
+    @property
+    def passed(self) -> bool:
+        """Whether every direction is within tolerance."""
+        return all(self.ok(d) for d in self.directions)
+
+    @property
+    def max_rel_err(self) -> float:
+        """The largest relative error over the directions."""
+        return max((d.rel_err for d in self.directions), default=0.0)
+
+    def __str__(self) -> str:
+        lines = [
+            f"hypergradient check: method={self.method}, wrt={self.wrt}, "
+            f"rtol={self.rtol:g}, atol={self.atol:g}: {'passed' if self.passed else 'FAILED'}",
+            f"  {'dir':>3}  {'analytic':>22}  {'finite diff':>22}  {'rel err':>9}  ok",
+        ]
+        for i, d in enumerate(self.directions):
+            lines.append(
+                f"  {i:>3}  {d.analytic:>22.15g}  {d.numeric:>22.15g}  {d.rel_err:>9.2e}  "
+                f"{'yes' if self.ok(d) else 'NO'}"
+            )
+        return "\n".join(lines)
+
+
+def _double(tree: Any) -> Any:
+    return optree.tree_map(
+        lambda x: (
+            x.detach().double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+        ),
+        tree,
+        namespace=_tree._NAMESPACE,
+    )
+
+
+def _double_hyper(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().double() if value.is_floating_point() else value
+    if isinstance(value, tuple):
+        return tuple(_double_hyper(v) for v in value)
+    if isinstance(value, Mapping):
+        return {k: _double_hyper(v) for k, v in value.items()}
+    return value
+
+
+def _double_batches(batches: Any, steps: int | None) -> tuple[Any, int]:
+    source = Batches(batches, steps, caller="hg.testing.check_hypergrad")
+    fetched = [_double(source.at(k)) for k in range(source.steps)]
+    return (lambda k: fetched[k]), source.steps
+
+
+def check_hypergrad(
+    outer_loss: Callable[..., Any],
+    inner_loss: Callable[..., Any],
+    params: PyTree,
+    opt: Optimizer,
+    batches: Any,
+    outer_batch: Any,
+    *,
+    aux: PyTree = None,
+    method: str | Method = "reverse",
+    wrt: str | Sequence[str] = ("aux",),
+    buffers: PyTree = None,
+    steps: int | None = None,
+    directions: int = 3,
+    eps: float = 1e-6,
+    rtol: float = 1e-5,
+    atol: float = 1e-8,
+    seed: int = 0,
+    raise_on_failure: bool = True,
+) -> HypergradCheck:
+    """Compare a method's hypergradient with central finite differences, in float64.
+
+    Everything floating-point (params, aux, buffers, batches, outer batch, tensor
+    hyperparameters) is cast to float64; the batches are fetched once so every evaluation sees
+    the same data, and the same ``seed`` fixes the steps' random numbers (dropout). For each of
+    ``directions`` random unit directions ``v`` in the space of the differentiated inputs, the
+    analytic directional derivative ``<g, v>`` is compared with
+    ``(f(x + eps v) - f(x - eps v)) / (2 eps)`` where ``f`` is the outer loss after the unroll.
+
+    Biased methods (``"first_order"``, ``hg.Truncated(T < K)``) are expected to fail: the check
+    measures their bias.
+
+    Args:
+        outer_loss: as :func:`hypergrad.hypergrad`.
+        inner_loss: as :func:`hypergrad.hypergrad`.
+        params: the initial params.
+        opt: the optimizer.
+        batches: the inner batches.
+        outer_batch: the outer batch.
+        aux: the auxiliary tree.
+        method: the method to check.
+        wrt: what to differentiate (as :func:`hypergrad.hypergrad`).
+        buffers: the initial buffers.
+        steps: K.
+        directions: the number of random directions.
+        eps: the finite-difference step.
+        rtol: relative tolerance.
+        atol: absolute tolerance.
+        seed: seeds the directions and the steps' random numbers.
+        raise_on_failure: raise ``AssertionError`` (with the report) when a direction fails.
+
+    Returns:
+        A :class:`HypergradCheck` report (``print`` it for a table).
+
+    Raises:
+        AssertionError: a direction is out of tolerance and ``raise_on_failure`` is true.
+
+    Examples:
+        >>> loss = lambda p, a, x: ((p["w"] - a * x) ** 2).sum()
+        >>> report = hg.testing.check_hypergrad(
+        ...     lambda p, a, y: (p["w"] ** 2).sum(), loss, {"w": torch.ones(2)},
+        ...     hg.optim.sgd(lr=0.1, momentum=0.5), torch.randn(4, 2), None,
+        ...     aux=torch.tensor(0.3), wrt=("aux", "lr"))
+        >>> report.passed, len(report.directions)
+        (True, 3)
+    """
+    caller = "hg.testing.check_hypergrad"
+    if directions < 1:
+        raise ValueError(f"{caller}: directions must be >= 1, got {directions}.")
+    params, aux, buffers = _double(params), _double(aux), _double(buffers)
+    outer_batch = _double(outer_batch)
+    batch_fn, steps = _double_batches(batches, steps)
+    hp = {k: _double_hyper(v) for k, v in opt.hyperparams.items()}
+    opt = dataclasses.replace(opt, hyperparams=hp)
+    common = {"aux": aux, "buffers": buffers, "steps": steps, "seed": seed}
+    g = hypergrad(
+        outer_loss, inner_loss, params, opt, batch_fn, outer_batch,
+        method=method, wrt=wrt, **common,
+    )  # fmt: skip
+    asked = {k: v for k, v in g._asdict().items() if k != "value" and v is not None}
+    flat_g, _unravel = _tree.ravel(asked)
+
+    def f(x: dict[str, PyTree]) -> float:
+        hyper = {**hp, **x.get("hyperparams", {})}
+        traj = unroll(
+            inner_loss,
+            x.get("params", params),
+            opt,
+            batch_fn,
+            aux=x.get("aux", aux),
+            buffers=buffers,
+            steps=steps,
+            hyperparams=hyper,
+            seed=seed,
+            check_finite=False,
+        )
+        a = x.get("aux", aux)
+        with seeded(seed + steps):  # as Problem.value
+            if buffers is None:
+                value = outer_loss(traj.params, a, outer_batch)
+            else:
+                value = outer_loss(traj.params, a, outer_batch, traj.buffers)
+        return float(value)
+
+    origin: dict[str, PyTree] = {}
+    if "aux" in asked:
+        origin["aux"] = aux
+    if "hyperparams" in asked:
+        origin["hyperparams"] = {
+            k: torch.as_tensor(hp[k], dtype=torch.float64)
+            if not isinstance(hp[k], (tuple, Mapping))
+            else _as_tensors(hp[k])
+            for k in asked["hyperparams"]
+        }
+    if "params" in asked:
+        origin["params"] = params
+    flat_x, unravel_x = _tree.ravel(origin)
+    gen = torch.Generator().manual_seed(seed)
+    checks = []
+    with torch.no_grad():
+        for _ in range(directions):
+            v = torch.randn(flat_x.shape, generator=gen, dtype=torch.float64)
+            v = v / v.norm()
+            numeric = (f(unravel_x(flat_x + eps * v)) - f(unravel_x(flat_x - eps * v))) / (2 * eps)
+            checks.append(DirectionCheck(float(flat_g @ v), numeric))
+    report = HypergradCheck(
+        method=repr(method),
+        wrt=(wrt,) if isinstance(wrt, str) else tuple(wrt),
+        directions=tuple(checks),
+        rtol=rtol,
+        atol=atol,
+        hypergradient=g,
+    )
+    if raise_on_failure and not report.passed:
+        raise AssertionError(
+            f"{caller}: the hypergradient disagrees with finite differences.\n{report}"
+        )
+    return report
+
+
+def _as_tensors(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return tuple(_as_tensors(v) for v in value)
+    if isinstance(value, Mapping):
+        return {k: _as_tensors(v) for k, v in value.items()}
+    return torch.as_tensor(value, dtype=torch.float64)
