@@ -111,12 +111,14 @@ def call(
         >>> b2["running_mean"], bn.running_mean  # the module is unchanged
         (tensor([0.2000]), tensor([0.]))
     """
-    _check_known_keys(module, params, buffers)
+    tied = _check_known_keys(module, params, buffers)
     if buffers is None:
         own = {k: v.clone() for k, v in module.named_buffers()}
     else:
         own = {k: v.clone() for k, v in buffers.items()}
-    out = torch.func.functional_call(module, (dict(params), own), args, kwargs, tie_weights=True)
+    # Untying costs a second walk over the module inside functional_call; skip it when nothing
+    # is tied (the result is the same).
+    out = torch.func.functional_call(module, (dict(params), own), args, kwargs, tie_weights=tied)
     if return_buffers:
         return out, own
     return out
@@ -126,17 +128,21 @@ def _check_known_keys(
     module: nn.Module,
     params: Mapping[str, torch.Tensor],
     buffers: Mapping[str, torch.Tensor] | None,
-) -> None:
+) -> bool:
+    """Raise for unknown keys; return whether the module has tied (shared) tensors."""
     if not isinstance(params, Mapping):
         raise ValueError(
             f"hg.call: params must be a dict keyed like named_parameters(), got a "
             f"{type(params).__name__}. Get one with params, buffers = hg.split(module)."
         )
-    names = {n for n, _ in module.named_parameters(remove_duplicate=False)}
+    named = list(module.named_parameters(remove_duplicate=False))
+    names = {n for n, _ in named}
+    named_buffers = list(module.named_buffers(remove_duplicate=False))
+    tied = len({id(t) for _, t in named + named_buffers}) < len(named) + len(named_buffers)
     unknown = [k for k in params if k not in names]
     where = "params"
     if not unknown and buffers is not None:
-        buffer_names = {n for n, _ in module.named_buffers(remove_duplicate=False)}
+        buffer_names = {n for n, _ in named_buffers}
         unknown = [k for k in buffers if k not in buffer_names]
         where, names = "buffers", buffer_names
     if unknown:
@@ -146,6 +152,7 @@ def _check_known_keys(
             f"{type(module).__name__} does not have (its {where}: {known}). Use the keys from "
             "hg.split(module)."
         )
+    return tied
 
 
 def _describe(x: Any) -> str:
