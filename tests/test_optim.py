@@ -373,6 +373,9 @@ def test_safe_sqrt_forward_is_sqrt_and_backward_is_finite():
 # --------------------------------------------------------------------------- transforms
 
 
+# torch 2.13's first torch.func.jvp imports torch._decomp.decompositions_for_jvp, which calls the
+# deprecated torch.jit.script: torch's warning, not ours.
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 @pytest.mark.parametrize("family", FAMILIES, ids=ids)
 def test_jvp_and_create_graph_agree_with_grad(family):
     params = make_params([(3,), (2,)])

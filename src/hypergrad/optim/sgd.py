@@ -14,6 +14,7 @@ from hypergrad.optim._common import (
     build,
     check_form,
     check_range,
+    is_number,
     is_zero,
     register_states,
 )
@@ -50,8 +51,16 @@ def _math(
     buf = bufs["momentum_buffer"]
     if buf is not None:
         momentum = hp["momentum"]
-        # torch starts the buffer as a copy of the first gradient (no dampening on step 1).
-        buf = torch.where(step == 1, g, axpy(buf * momentum, 1 - hp["dampening"], g))
+        # torch starts the buffer as a copy of the first gradient (no dampening on step 1): on
+        # step 1 use factors (0, 1) on (buf, g), chosen as 0-d tensors so no vector op is added.
+        first = step == 1
+
+        def pick(on_first: float, later: Any) -> torch.Tensor:
+            if is_number(later):
+                later = torch.tensor(later, dtype=p.dtype, device=p.device)
+            return torch.where(first, torch.full_like(later, on_first), later)
+
+        buf = torch.addcmul(buf * pick(0.0, momentum), g, pick(1.0, 1 - hp["dampening"]))
         g = axpy(g, momentum, buf) if options["nesterov"] else buf
     lr = hp["lr"]
     return axpy(p, -lr, g), {"momentum_buffer": buf}
