@@ -27,7 +27,7 @@ from hypergrad.unroll import (
     rng_devices,
 )
 
-__all__ = ["Hypergradient", "hypergrad"]
+__all__ = ["Hypergradient", "hypergrad", "map_hyper"]
 
 _GROUPS = ("aux", "hyperparams", "params")
 
@@ -61,14 +61,29 @@ def _is_hyper_value(value: Any) -> bool:
     return False
 
 
-def _to_tensor(value: Any, dtype: torch.dtype, device: torch.device) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.detach()
+def map_hyper(fn: Callable[[Any], Any], value: Any) -> Any:
+    """Apply ``fn`` to every number or tensor of a hyperparameter (through tuples and dicts).
+
+    Examples:
+        >>> map_hyper(lambda v: v * 2, {"a": 1.0, "b": (2.0, torch.tensor(3.0))})
+        {'a': 2.0, 'b': (4.0, tensor(6.))}
+    """
     if isinstance(value, (tuple, list)):
-        return type(value)(_to_tensor(v, dtype, device) for v in value)
+        return type(value)(map_hyper(fn, v) for v in value)
     if isinstance(value, Mapping):
-        return {k: _to_tensor(v, dtype, device) for k, v in value.items()}
-    return torch.tensor(float(value), dtype=dtype, device=device)
+        return {k: map_hyper(fn, v) for k, v in value.items()}
+    return fn(value)
+
+
+def _to_tensor(value: Any, dtype: torch.dtype, device: torch.device) -> Any:
+    return map_hyper(
+        lambda v: (
+            v.detach()
+            if isinstance(v, torch.Tensor)
+            else torch.tensor(float(v), dtype=dtype, device=device)
+        ),
+        value,
+    )
 
 
 def _parse_wrt(

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import optree
 import torch
 
 from hypergrad import tree as _tree
-from hypergrad.hypergradient import Hypergradient, hypergrad
+from hypergrad.hypergradient import Hypergradient, hypergrad, map_hyper
 from hypergrad.methods import Method
 from hypergrad.optim._base import Optimizer
 from hypergrad.tree import PyTree
@@ -96,14 +96,8 @@ def _double(tree: Any) -> Any:
     )
 
 
-def _double_hyper(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.detach().double() if value.is_floating_point() else value
-    if isinstance(value, tuple):
-        return tuple(_double_hyper(v) for v in value)
-    if isinstance(value, Mapping):
-        return {k: _double_hyper(v) for k, v in value.items()}
-    return value
+def _double_leaf(x: Any) -> Any:
+    return x.detach().double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x
 
 
 def _double_batches(batches: Any, steps: int | None) -> tuple[Any, int]:
@@ -184,7 +178,7 @@ def check_hypergrad(
     params, aux, buffers = _double(params), _double(aux), _double(buffers)
     outer_batch = _double(outer_batch)
     batch_fn, steps = _double_batches(batches, steps)
-    hp = {k: _double_hyper(v) for k, v in opt.hyperparams.items()}
+    hp = {k: map_hyper(_double_leaf, v) for k, v in opt.hyperparams.items()}
     opt = dataclasses.replace(opt, hyperparams=hp)
     common = {"aux": aux, "buffers": buffers, "steps": steps, "seed": seed}
     g = hypergrad(
@@ -221,9 +215,7 @@ def check_hypergrad(
         origin["aux"] = aux
     if "hyperparams" in asked:
         origin["hyperparams"] = {
-            k: torch.as_tensor(hp[k], dtype=torch.float64)
-            if not isinstance(hp[k], (tuple, Mapping))
-            else _as_tensors(hp[k])
+            k: map_hyper(lambda v: torch.as_tensor(v, dtype=torch.float64), hp[k])
             for k in asked["hyperparams"]
         }
     if "params" in asked:
@@ -250,11 +242,3 @@ def check_hypergrad(
             f"{caller}: the hypergradient disagrees with finite differences.\n{report}"
         )
     return report
-
-
-def _as_tensors(value: Any) -> Any:
-    if isinstance(value, tuple):
-        return tuple(_as_tensors(v) for v in value)
-    if isinstance(value, Mapping):
-        return {k: _as_tensors(v) for k, v in value.items()}
-    return torch.as_tensor(value, dtype=torch.float64)
