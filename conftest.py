@@ -25,6 +25,12 @@ settings.register_profile(
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
+def pytest_configure(config):
+    # The suite's models are tiny: one intra-op thread is faster than two and far less sensitive to
+    # a loaded machine. HYPERGRAD_TEST_THREADS overrides it.
+    torch.set_num_threads(int(os.environ.get("HYPERGRAD_TEST_THREADS", "1")))
+
+
 @pytest.fixture(autouse=True)
 def _seed_and_restore_default_dtype():
     torch.manual_seed(0)
