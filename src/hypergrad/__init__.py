@@ -4,7 +4,8 @@ Differentiate through training: the gradient of a loss after K optimizer steps w
 another model, learning rates, weight decays, per-example weights or the initial weights.
 """
 
-from hypergrad import nn, optim, testing, tree
+from hypergrad import clients, nn, optim, testing, tree
+from hypergrad._compile import CompileError, CompileFallbackWarning
 from hypergrad.hypergradient import Hypergradient, hypergrad
 from hypergrad.methods import Checkpointed, Forward, Truncated
 from hypergrad.nn import call, load, split, stack, unstack
@@ -14,12 +15,15 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Checkpointed",
+    "CompileError",
+    "CompileFallbackWarning",
     "Forward",
     "Hypergradient",
     "Trajectory",
     "Truncated",
     "__version__",
     "call",
+    "clients",
     "hypergrad",
     "load",
     "nn",

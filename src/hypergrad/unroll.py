@@ -69,6 +69,7 @@ import optree
 import torch
 
 from hypergrad import tree as _tree
+from hypergrad._compile import check_compile, compile_step, step_key
 from hypergrad.optim._base import Optimizer
 from hypergrad.tree import PyTree
 
@@ -78,6 +79,7 @@ __all__ = [
     "Problem",
     "StepFn",
     "Trajectory",
+    "build_step",
     "draw_seed",
     "locate_nonfinite",
     "make_step",
@@ -251,6 +253,46 @@ def make_step(
         return new_params, new_state, new_buffers, loss
 
     return step
+
+
+def build_step(
+    inner_loss: Callable[..., Any],
+    opt: Optimizer,
+    *,
+    has_buffers: bool,
+    inner_grad: str = "auto",
+    first_order: bool = False,
+    compile: bool | str = False,
+    caller: str = "hg.unroll",
+) -> StepFn:
+    """:func:`make_step`, compiled (and cached) when ``compile`` asks (see :mod:`hypergrad._compile`).
+
+    A compiled step takes its inner gradient with ``torch.func`` (``inner_grad="func"``) and must
+    be given every hyperparameter (``{**opt.hyperparams, **changes}``) at each call.
+
+    Examples:
+        >>> opt = hg.optim.sgd(lr=0.1)
+        >>> step = build_step(lambda p, a, b: (p["w"] ** 2).sum(), opt, has_buffers=False)
+        >>> step({"w": torch.tensor([1.0])}, opt.init({}), None, None, {"lr": 0.1}, None)[0]
+        {'w': tensor([0.8000])}
+    """
+    compile = check_compile(compile, caller=caller)
+    if compile and inner_grad == "autograd":
+        raise ValueError(
+            f"{caller}: compile={compile!r} compiles the inner gradient with torch.func, so it "
+            "needs inner_grad='func' or 'auto'; torch.autograd.grad inside torch.compile breaks "
+            "the graph. Pass inner_grad='auto', or compile=False."
+        )
+    step = make_step(
+        inner_loss,
+        opt,
+        has_buffers=has_buffers,
+        inner_grad="func" if compile else inner_grad,
+        first_order=first_order,
+        caller=caller,
+    )
+    key = step_key(inner_loss, opt, has_buffers=has_buffers, first_order=first_order)
+    return compile_step(step, compile=compile, caller=caller, key=key)
 
 
 # --------------------------------------------------------------------------------------------
@@ -502,9 +544,9 @@ def locate_nonfinite(problem: Problem, *, caller: str) -> None:
     with torch.no_grad():
         for k in range(problem.steps):
             new, losses = run_steps(problem, carry, aux, hp, k, k + 1)
-            if not bool(losses[0].isfinite()):
+            if not bool(losses[0].isfinite().all()):  # one loss, or one per client
                 raise FloatingPointError(
-                    f"{caller}: the inner loss is {losses[0].item()} at step {k} (steps count "
+                    f"{caller}: the inner loss is {losses[0].tolist()} at step {k} (steps count "
                     "from 0). Check the batch of that step, lower the learning rate, or clip "
                     "the loss."
                 )
@@ -602,6 +644,7 @@ def unroll(
     progress: bool = False,
     inner_grad: str = "auto",
     check_finite: bool = True,
+    compile: bool | str = False,
 ) -> Trajectory:
     """Run K differentiable optimizer steps of ``inner_loss`` and return the :class:`Trajectory`.
 
@@ -630,6 +673,11 @@ def unroll(
             ``"autograd"`` (same numbers; see :mod:`hypergrad.unroll`).
         check_finite: after the loop, check (one device sync) that the losses and final params
             are finite; if not, replay to find the step and key and raise.
+        compile: ``True`` compiles the step (inner gradient + update) with ``torch.compile``
+            and reuses it across calls with the same ``inner_loss`` and optimizer family (see
+            :mod:`hypergrad._compile`); where that fails it runs eagerly with one
+            ``hg.CompileFallbackWarning``; ``"strict"`` raises ``hg.CompileError`` instead.
+            A compiled trajectory supports one backward pass (no ``create_graph``).
 
     Returns:
         ``Trajectory(params, state, buffers, losses)`` with ``losses`` of shape ``(K,)``.
@@ -646,9 +694,15 @@ def unroll(
     """
     caller = "hg.unroll"
     source = Batches(batches, steps, caller=caller)
-    hp = dict(opt.hyperparams if hyperparams is None else hyperparams)
-    step = make_step(
-        inner_loss, opt, has_buffers=buffers is not None, inner_grad=inner_grad, caller=caller
+    hp = dict(opt.hyperparams)  # every value: a cached compiled step may close over another opt
+    hp.update(hyperparams or {})
+    step = build_step(
+        inner_loss,
+        opt,
+        has_buffers=buffers is not None,
+        inner_grad=inner_grad,
+        compile=compile,
+        caller=caller,
     )
     with progress_bar(progress, source.steps, "unroll", caller) as bar:
         problem = Problem(
