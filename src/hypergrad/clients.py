@@ -53,6 +53,12 @@ tensor cannot hold C clients' updates). Two policies work:
 
 Anything else raises an error naming the module and these fixes.
 
+**Known torch limitation** (torch 2.13, pinned by a strict-xfail test): under vmap, the second
+derivative through ``batch_norm`` or ``layer_norm`` *with an affine weight* is wrong, so exact
+hypergradients (every method but ``"first_order"``) of clients using such a layer are off by
+up to a few percent. Write the affine part as a separate op (``nn.BatchNorm1d(d,
+affine=False)`` followed by ``* gamma + beta``) or use ``GroupNorm``; both are exact.
+
 Clients with different data sizes
 ---------------------------------
 :func:`pad` stacks per-client datasets of different lengths into padded tensors and a mask;
@@ -205,7 +211,9 @@ def pad(datasets: Sequence[PyTree], /, *, value: float = 0) -> Padded:
     Args:
         datasets: one tree per client (e.g. ``(x_c, y_c)``), all of one structure, the leaves of
             a client sharing its number of examples ``N_c`` as their leading dimension.
-        value: the fill value of the padding (never seen by :func:`masked_mean`).
+        value: the fill value of the padding. Keep it finite: :func:`masked_mean` drops the
+            padded entries of a loss, but a nan in the data would still reach the gradient
+            through ops like ``x @ w`` (``0 * nan = nan``).
 
     Returns:
         :class:`Padded` ``(data, mask, sizes)``.
@@ -231,8 +239,9 @@ def pad(datasets: Sequence[PyTree], /, *, value: float = 0) -> Padded:
     for path, xs in zip(paths, per_leaf):
         for i, x in enumerate(xs[1:], start=1):
             if x.shape[1:] != xs[0].shape[1:] or x.dtype != xs[0].dtype:
+                leaf = "the tensor" if path == "<root>" else f"leaf {path}"
                 raise ValueError(
-                    f"hg.clients.pad: leaf {path} of dataset {i} has example shape "
+                    f"hg.clients.pad: {leaf} of dataset {i} has example shape "
                     f"{tuple(x.shape[1:])} and dtype {x.dtype}, but dataset 0 has "
                     f"{tuple(xs[0].shape[1:])} and {xs[0].dtype}; only the number of examples "
                     "may differ between clients."
@@ -366,7 +375,7 @@ def _in_dims(in_dims: Mapping[str, Any] | None, hp: Mapping[str, Any], caller: s
 
 def _leading(tree: PyTree, where: str) -> list[tuple[str, int | None]]:
     return [
-        (f"{where}{p}", x.shape[0] if x.dim() else None)
+        (f"{where}{'' if p == '<root>' else p}", x.shape[0] if x.dim() else None)
         for p, x in zip(_tree.key_paths(tree), _tree.leaves(tree))
         if isinstance(x, torch.Tensor)
     ]
