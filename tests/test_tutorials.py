@@ -1,0 +1,61 @@
+"""The claims of tutorials 6-8 and of the flagship demo, on their example scripts (small settings)."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import pytest
+import torch
+
+EXAMPLES = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir, "examples"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _examples_on_path():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    sys.path.insert(0, EXAMPLES)
+    yield
+    sys.path.remove(EXAMPLES)
+    torch.set_num_threads(threads)
+
+
+def run(name, **kwargs):
+    return importlib.import_module(name).main(**kwargs)
+
+
+def test_learned_lr_and_weight_decay_beat_the_fixed_baseline():
+    r = run("hyperparameter_optimisation", meta_iterations=8, steps=40)
+    assert len(r["val_loss"]) == 9
+    assert r["learned_val_loss"] < r["baseline_val_loss"] - 0.01
+    assert r["learned_test_loss"] < r["baseline_test_loss"]  # data meta-learning never saw
+    assert r["val_loss"][0] == pytest.approx(r["baseline_val_loss"], rel=1e-5)
+
+
+def test_maml_init_adapts_better_than_a_random_init():
+    r = run("maml_sine", meta_iterations=150, test_tasks=50)
+    assert r["maml_after"] < r["random_init_after"] * 0.75
+    assert r["maml_after"] < r["maml_before"]  # the few steps of adaptation help
+
+
+def test_reweighting_beats_unweighted_training_under_label_noise():
+    r = run("reweighting", meta_iterations=15, steps=40)
+    assert r["reweighted_test_loss"] < r["unweighted_test_loss"]
+    assert r["reweighted_test_accuracy"] > r["unweighted_test_accuracy"]
+    assert r["mean_weight_noisy"] < 0.7 * r["mean_weight_clean"]  # mislabelled examples down
+    assert r["weights"].mean().item() == pytest.approx(1.0, rel=1e-5)
+
+
+def test_flagship_meta_iterations_improve_the_server(tmp_path):
+    out = tmp_path / "flagship.png"
+    r = run(
+        "flagship_demo", clients=6, rounds=2, local_steps=10, meta_iterations=3,
+        out=str(out), progress=False,
+    )  # fmt: skip
+    assert out.exists() and out.stat().st_size > 1000 and r["plot"] == str(out)
+    table = r["table"]
+    assert table["learned aux"]["val_loss"] < table["initial aux"]["val_loss"]
+    assert r["val_curve"][-1] < r["val_curve"][0]
+    assert r["strengths"].shape == (r["clients"], 2)
