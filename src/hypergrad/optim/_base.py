@@ -37,6 +37,17 @@ class Optimizer:
         update_fn: ``update_fn(params, grads, state, hyperparams, options) -> (params, state)``.
         check_fn: optional ``check_fn(hyperparams, options)`` that raises ``ValueError`` for
             invalid values; run by :meth:`replace`.
+
+    Examples:
+        >>> opt = hg.optim.sgd(lr=0.5)
+        >>> params = {"w": torch.tensor([1.0])}
+        >>> new, _ = opt.step(params, {"w": torch.tensor([2.0])}, opt.init(params))
+        >>> new, params  # out of place: the input is untouched
+        ({'w': tensor([0.])}, {'w': tensor([1.])})
+        >>> lr = torch.tensor(0.5, requires_grad=True)  # differentiate w.r.t. a hyperparameter
+        >>> new, _ = opt.step(params, {"w": torch.tensor([2.0])}, opt.init(params), hyperparams={"lr": lr})
+        >>> torch.autograd.grad(new["w"].sum(), lr)
+        (tensor(-2.),)
     """
 
     name: str

@@ -30,6 +30,12 @@ class AdagradState(NamedTuple):
     Attributes:
         step: number of steps taken (a 0-d float tensor).
         sum: running sum of squared gradients (starts at ``initial_accumulator_value``).
+
+    Examples:
+        >>> opt = hg.optim.adagrad(lr=0.1)
+        >>> _, state = opt.step({"w": torch.zeros(1)}, {"w": torch.full((1,), 2.0)}, opt.init({"w": torch.zeros(1)}))
+        >>> state.sum["w"]
+        tensor([4.])
     """
 
     step: torch.Tensor

@@ -32,6 +32,12 @@ class AdamState(NamedTuple):
         exp_avg: first-moment running average, a tree keyed like the params.
         exp_avg_sq: second-moment running average, keyed like the params.
         max_exp_avg_sq: running maximum of ``exp_avg_sq`` with ``amsgrad=True``, else ``None``.
+
+    Examples:
+        >>> opt = hg.optim.adam(lr=0.1)
+        >>> _, state = opt.step({"w": torch.zeros(2)}, {"w": torch.ones(2)}, opt.init({"w": torch.zeros(2)}))
+        >>> state.exp_avg["w"], state.max_exp_avg_sq
+        (tensor([0.1000, 0.1000]), None)
     """
 
     step: torch.Tensor

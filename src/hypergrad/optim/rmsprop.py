@@ -33,6 +33,12 @@ class RMSpropState(NamedTuple):
         square_avg: running average of the squared gradient, keyed like the params.
         momentum_buffer: keyed like the params, or ``None`` without momentum.
         grad_avg: running average of the gradient with ``centered=True``, else ``None``.
+
+    Examples:
+        >>> opt = hg.optim.rmsprop(lr=0.01, alpha=0.9)
+        >>> _, state = opt.step({"w": torch.zeros(1)}, {"w": torch.ones(1)}, opt.init({"w": torch.zeros(1)}))
+        >>> state.square_avg["w"]
+        tensor([0.1000])
     """
 
     step: torch.Tensor

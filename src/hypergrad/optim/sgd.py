@@ -29,6 +29,13 @@ class SGDState(NamedTuple):
     Attributes:
         step: number of steps taken (a 0-d float tensor, as torch.optim's counters).
         momentum_buffer: a tree keyed like the params, or ``None`` without momentum.
+
+    Examples:
+        >>> opt = hg.optim.sgd(lr=0.1, momentum=0.9)
+        >>> state = opt.init({"w": torch.zeros(2)})
+        >>> _, state = opt.step({"w": torch.zeros(2)}, {"w": torch.ones(2)}, state)
+        >>> state.step, state.momentum_buffer
+        (tensor(1.), {'w': tensor([1., 1.])})
     """
 
     step: torch.Tensor
