@@ -23,13 +23,14 @@ C, K, R = 3, 2, 2  # clients, local steps per round, rounds
 LAM = 0.5
 
 
-def make(dtype=torch.float64, bn=False, seed=0):
+def make(dtype=torch.float64, bn=False, seed=0, affine=False):
     """Stacked client params/buffers, aux model params, batches (R*K, C, B, ...), losses."""
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     # BatchNorm after the activation (a bias right before it would get a zero gradient, which
-    # Adam turns into rounding noise), without its affine weight: see test_torch_vmap_bug_...
-    norm = [nn.BatchNorm1d(4, affine=False)] if bn else []
+    # Adam turns into rounding noise); an affine one only where torch gets it right under vmap
+    # (not with "forward": see test_torch_vmap_bug_...)
+    norm = [nn.BatchNorm1d(4, affine=affine)] if bn else []
     layers = [nn.Linear(3, 4), nn.Tanh(), *norm, nn.Linear(4, 1)]
     model = nn.Sequential(*layers).to(dtype)
     aux_model = nn.Linear(3, 1).to(dtype)
@@ -145,7 +146,7 @@ OPTS = {
 @pytest.mark.parametrize("method_name", list(METHODS))
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 def test_vmap_equals_a_python_loop_over_clients(method_name, opt_name, bn, chunk_size, dtype):
-    prob = make(dtype, bn=bn)
+    prob = make(dtype, bn=bn, affine=method_name != "forward")
     opt = OPTS[opt_name]()
     method, ref_kwargs = METHODS[method_name]
     lr = torch.tensor([0.1, 0.05, 0.08], dtype=dtype)  # a per-client learning rate

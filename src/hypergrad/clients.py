@@ -54,10 +54,17 @@ tensor cannot hold C clients' updates). Two policies work:
 Anything else raises an error naming the module and these fixes.
 
 **Known torch limitation** (torch 2.13, pinned by a strict-xfail test): under vmap, the second
-derivative through ``batch_norm`` or ``layer_norm`` *with an affine weight* is wrong, so exact
-hypergradients (every method but ``"first_order"``) of clients using such a layer are off by
-up to a few percent. Write the affine part as a separate op (``nn.BatchNorm1d(d,
-affine=False)`` followed by ``* gamma + beta``) or use ``GroupNorm``; both are exact.
+derivative through ``batch_norm`` or ``layer_norm`` *with an affine weight* taken with
+``torch.func.grad`` is wrong. The reverse-mode methods are not affected (outside a torch.func
+transform the clients' inner gradient is taken by autograd, see below), but ``"forward"`` is:
+with such a layer, write the affine part as a separate op (``nn.BatchNorm1d(d, affine=False)``
+then ``* gamma + beta``) or use ``GroupNorm``.
+
+How the inner gradient is taken: outside torch.func transforms (every method but
+``"forward"``), only the clients' losses are vmapped and the gradient of their sum is taken by
+``torch.autograd.grad`` (client c's loss depends on client c's params only, so this is each
+client's own gradient); inside one (``"forward"``), the engine's ``torch.func`` step is vmapped
+whole. Both give the same numbers; the first records a much lighter meta-graph.
 
 Clients with different data sizes
 ---------------------------------
@@ -99,6 +106,7 @@ from hypergrad.unroll import (
     Trajectory,
     all_finite,
     draw_seed,
+    in_functorch_transform,
     locate_nonfinite,
     make_step,
     outer_fn,
@@ -513,6 +521,82 @@ def _vmap_trees(
 
 
 # --------------------------------------------------------------------------------------------
+# The vmapped step, two ways
+
+
+class _StackedOptimizer:
+    """Duck-types ``Optimizer.step`` for stacked clients: the update vmapped over clients."""
+
+    def __init__(self, opt: Optimizer, hp_dims: Any, **options: Any) -> None:
+        self._update = _vmap_trees(
+            lambda p, g, s, h: opt.step(p, g, s, hyperparams=h), 3, (hp_dims,), **options
+        )
+
+    def step(self, params, grads, state, *, hyperparams):
+        return self._update(params, grads, state, hyperparams)
+
+
+def _vmapped_step(
+    inner_loss: Callable[..., Any],
+    opt: Optimizer,
+    has_buffers: bool,
+    first_order: bool,
+    dims: dict,
+    caller: str,
+    inner_grad: str,
+    **options: Any,
+) -> Callable[..., tuple[PyTree, PyTree, PyTree, torch.Tensor]]:
+    """``step(params, state, buffers, aux, hp, batch)`` over stacked clients.
+
+    ``"func"``: the engine's step (``torch.func.grad_and_value``) vmapped whole; transformable,
+    so it serves ``"forward"`` (jvp). ``"autograd"``: only the clients' losses are vmapped;
+    their sum is differentiated by the engine's autograd step (client ``c``'s loss depends on
+    client ``c``'s params only, so the gradient of the sum is each client's own gradient),
+    and the optimizer update is vmapped. Same numbers; the second records a much lighter
+    meta-graph (plain batched ops instead of functorch's wrappers). ``"auto"`` picks
+    ``"func"`` inside a torch.func transform, else ``"autograd"``.
+    """
+    in_dims = (dims["aux"], dims["hyperparams"], dims["batches"])
+    single = make_step(
+        inner_loss, opt, has_buffers=has_buffers, inner_grad="func", first_order=first_order,
+        caller=caller,
+    )  # fmt: skip
+    by_func = _vmap_trees(single, 3, in_dims, **options)
+
+    def one_loss(p: PyTree, b: PyTree, a: PyTree, batch: Any) -> tuple[torch.Tensor, PyTree]:
+        if has_buffers:
+            return inner_loss(p, a, batch, b)
+        return inner_loss(p, a, batch), None
+
+    losses = _vmap_trees(one_loss, 2, (dims["aux"], dims["batches"]), **options)
+    last: list[torch.Tensor] = []
+
+    def total(p: PyTree, a: PyTree, batch: Any, b: PyTree = None) -> Any:
+        per_client, new_b = losses(p, b, a, batch)
+        last[:] = [per_client]
+        if per_client.dim() != 1:
+            raise ValueError(
+                f"{caller}: inner_loss must return a scalar (0-d) tensor per client, got shape "
+                f"{tuple(per_client.shape[1:])}. Reduce it, e.g. return loss.mean()."
+            )
+        return (per_client.sum(), new_b) if has_buffers else per_client.sum()
+
+    by_autograd = make_step(
+        total, _StackedOptimizer(opt, dims["hyperparams"], **options),  # type: ignore[arg-type]
+        has_buffers=has_buffers, inner_grad="autograd", first_order=first_order, caller=caller,
+    )  # fmt: skip
+
+    def step(p, s, b, a, h, batch):
+        func = inner_grad == "func" or (inner_grad == "auto" and in_functorch_transform())
+        if func:
+            return by_func(p, s, b, a, h, batch)
+        p, s, b, summed = by_autograd(p, s, b, a, h, batch)
+        return p, s, b, last[0] if summed.requires_grad else last[0].detach()
+
+    return step
+
+
+# --------------------------------------------------------------------------------------------
 # The problem: a vmapped step with round boundaries, an outer loss on the aggregate
 
 
@@ -544,6 +628,7 @@ def _setup(
     randomness: str,
     seed: int | None,
     first_order: bool,
+    inner_grad: str = "auto",
     targets: tuple[str, ...] = (),
     hyper_names: tuple[str, ...] = (),
 ) -> _Setup:
@@ -580,17 +665,11 @@ def _setup(
         steps = source.steps // rounds
     clients = _count_clients(caller, dims, params, state, buffers, hp, weights, source.at(0))
     has_buffers = buffers is not None
-    step = make_step(
-        inner_loss,
-        opt,
-        has_buffers=has_buffers,
-        inner_grad="func",
-        first_order=first_order,
-        caller=caller,
-    )
     vmap = dict(chunk_size=chunk_size, randomness=randomness)
     hp_dims = dims["hyperparams"]
-    vstep = _vmap_trees(step, 3, (dims["aux"], hp_dims, dims["batches"]), **vmap)
+    vstep = _vmapped_step(
+        inner_loss, opt, has_buffers, first_order, dims, caller, inner_grad, **vmap
+    )
     init_one = _vmap_trees(lambda p, h: (opt.init(p, hyperparams=h),), 1, (hp_dims,), **vmap)
 
     def vinit(p: PyTree, h: Mapping[str, Any]) -> PyTree:
@@ -862,6 +941,7 @@ def hypergrad(
         randomness=randomness,
         seed=seed,
         first_order=how.first_order,
+        inner_grad="func" if how.functional else "auto",
         targets=targets,
         hyper_names=names,
     )

@@ -1,0 +1,286 @@
+"""Benchmark: the seed-5 hypergradient for C clients, vmapped (hg.clients) vs loops over clients.
+
+Workload: C client MLPs (16 -> 64 -> 64 -> 1, tanh), each trained K = 10 SGD steps on its own
+batch of 32 with a regulariser from an auxiliary linear model; the server is the clients' mean;
+we take the gradient of the server's validation loss with respect to the auxiliary model.
+
+* ``vmap``: ``hg.clients.hypergrad`` (one vectorised unroll, reverse mode);
+* ``loop``: a Python loop over clients with hand-written autograd
+  (``torch.autograd.grad(create_graph=True)`` and ``p - lr * g``), the baseline;
+* ``higher`` / ``torchopt``: the same loop with ``higher.innerloop_ctx`` / ``torchopt.MetaSGD``
+  (skipped when not importable; timed up to ``--peers-up-to`` clients, since they are several
+  times slower than the hand-written loop).
+
+Times are the median of ``--repeats`` runs after a warm-up, all in this process. Peak memory is
+measured honestly in a fresh subprocess per configuration: the growth of the process's peak
+resident set size (``ru_maxrss``) over its size just before the run. Writes
+``benchmarks/results/clients.json`` and a log-log plot ``benchmarks/results/clients.png``.
+Targets: vmap >= 10x the loop at C = 32 and >= 20x at C = 128.
+
+Run: ``python benchmarks/clients.py`` (``--quick`` for a smoke run)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+from torch import nn
+
+import hypergrad as hg
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+K, LR, LAM, BATCH, WIDTH, DIM = 10, 0.05, 0.5, 32, 64, 16
+
+
+def workload(clients: int, seed: int = 0) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.Linear(DIM, WIDTH), nn.Tanh(), nn.Linear(WIDTH, WIDTH), nn.Tanh(), nn.Linear(WIDTH, 1)
+    )
+    aux_model = nn.Linear(DIM, 1)
+    x = torch.randn(K, clients, BATCH, DIM, generator=gen)
+    y = x[..., :1] * torch.linspace(0.5, 1.5, clients).view(1, clients, 1, 1)
+    val = (torch.randn(128, DIM, generator=gen), torch.randn(128, 1, generator=gen))
+    return {"model": model, "aux_model": aux_model, "x": x, "y": y, "val": val}
+
+
+def inner_value(pred, target, yb):
+    return ((pred - yb) ** 2).mean() + LAM * ((pred - target) ** 2).mean()
+
+
+def run_vmap(w: dict, chunk_size: int | None = None, method="reverse") -> torch.Tensor:
+    model, aux_model = w["model"], w["aux_model"]
+    params, _ = hg.split(model)
+    aux, _ = hg.split(aux_model)
+
+    def inner(p, a, batch):
+        xb, yb = batch
+        return inner_value(hg.call(model, p, xb), hg.call(aux_model, a, xb), yb)
+
+    def outer(p, a, batch):
+        return ((hg.call(model, p, batch[0]) - batch[1]) ** 2).mean()
+
+    g = hg.clients.hypergrad(
+        outer, inner, params, hg.optim.sgd(lr=LR), (w["x"], w["y"]), w["val"], aux=aux,
+        in_dims={"params": None}, chunk_size=chunk_size, method=method, seed=0,
+    )  # fmt: skip
+    return g.aux["weight"]
+
+
+def _server_grad(w: dict, finals: list[list[torch.Tensor]], aux: list[torch.Tensor]):
+    server = [torch.stack(ps).mean(0) for ps in zip(*finals)]
+    names = [n for n, _ in w["model"].named_parameters()]
+    vx, vy = w["val"]
+    value = ((hg.call(w["model"], dict(zip(names, server)), vx) - vy) ** 2).mean()
+    return torch.autograd.grad(value, aux)[0]
+
+
+def run_loop(w: dict) -> torch.Tensor:
+    """A Python loop over clients, hand-written differentiable SGD (create_graph=True)."""
+    model, aux_model = w["model"], w["aux_model"]
+    aux = [p.detach().clone().requires_grad_() for p in aux_model.parameters()]
+    names = [n for n, _ in model.named_parameters()]
+    init = [p.detach() for p in model.parameters()]
+    finals = []
+    for c in range(w["x"].shape[1]):
+        ps = [p.clone().requires_grad_() for p in init]
+        for k in range(K):
+            xb, yb = w["x"][k, c], w["y"][k, c]
+            pred = torch.func.functional_call(model, dict(zip(names, ps)), (xb,))
+            target = torch.nn.functional.linear(xb, aux[0], aux[1])
+            grads = torch.autograd.grad(inner_value(pred, target, yb), ps, create_graph=True)
+            ps = [p - LR * g for p, g in zip(ps, grads)]
+        finals.append(ps)
+    return _server_grad(w, finals, aux)
+
+
+def run_higher(w: dict) -> torch.Tensor:
+    import higher
+
+    model, aux_model = w["model"], w["aux_model"]
+    aux = [p.detach().clone().requires_grad_() for p in aux_model.parameters()]
+    finals = []
+    for c in range(w["x"].shape[1]):
+        opt = torch.optim.SGD(model.parameters(), lr=LR)
+        with higher.innerloop_ctx(model, opt, copy_initial_weights=True) as (fmodel, diffopt):
+            for k in range(K):
+                xb, yb = w["x"][k, c], w["y"][k, c]
+                target = torch.nn.functional.linear(xb, aux[0], aux[1])
+                diffopt.step(inner_value(fmodel(xb), target, yb))
+            finals.append(list(fmodel.parameters()))
+    return _server_grad(w, finals, aux)
+
+
+def run_torchopt(w: dict) -> torch.Tensor:
+    import torchopt
+
+    aux_model = w["aux_model"]
+    aux = [p.detach().clone().requires_grad_() for p in aux_model.parameters()]
+    finals = []
+    for c in range(w["x"].shape[1]):
+        net = copy.deepcopy(w["model"])
+        opt = torchopt.MetaSGD(net, lr=LR)
+        for k in range(K):
+            xb, yb = w["x"][k, c], w["y"][k, c]
+            target = torch.nn.functional.linear(xb, aux[0], aux[1])
+            opt.step(inner_value(net(xb), target, yb))
+        finals.append(list(net.parameters()))
+    return _server_grad(w, finals, aux)
+
+
+def peers() -> dict:
+    out = {"loop": run_loop}
+    for name, fn in (("higher", run_higher), ("torchopt", run_torchopt)):
+        try:
+            __import__(name)
+            out[name] = fn
+        except ImportError:
+            print(f"({name} not importable: skipped)")
+    return out
+
+
+def median_time(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def memory_probe(mode: str, clients: int, chunk: int | None) -> None:
+    """Run one configuration once and print the peak RSS growth in MiB (subprocess entry)."""
+    w = workload(clients)
+    params, _ = hg.split(w["model"])
+    before = _rss_mb()
+    if mode == "unroll":  # the K steps alone, no hypergradient graph
+        aux, _ = hg.split(w["aux_model"])
+
+        def inner(p, a, batch):
+            xb, yb = batch
+            return inner_value(hg.call(w["model"], p, xb), hg.call(w["aux_model"], a, xb), yb)
+
+        with torch.no_grad():
+            hg.clients.unroll(
+                inner, params, hg.optim.sgd(lr=LR), (w["x"], w["y"]), aux=aux,
+                in_dims={"params": None}, chunk_size=chunk, seed=0,
+            )  # fmt: skip
+    elif mode == "vmap":
+        run_vmap(w, chunk)
+    else:
+        run_loop(w)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB on Linux
+    print(json.dumps({"peak_growth_mib": round(peak - before, 1)}))
+
+
+def measure_memory(mode: str, clients: int, chunk: int | None) -> float:
+    cmd = [sys.executable, __file__, "--probe", mode, str(clients), str(chunk or 0)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["peak_growth_mib"]
+
+
+def main(
+    sizes=(8, 32, 128), repeats: int = 3, threads: int = 2, memory: bool = True, peers_up_to=32
+) -> dict:
+    torch.set_num_threads(threads)
+    rows = []
+    runners = {"vmap": run_vmap, **peers()}
+    for clients in sizes:
+        w = workload(clients)
+        reference = run_loop(w)
+        torch.testing.assert_close(run_vmap(w), reference, rtol=1e-4, atol=1e-6)
+        times = {
+            name: median_time(lambda fn=fn, w=w: fn(w), repeats)
+            for name, fn in runners.items()
+            if name in ("vmap", "loop") or clients <= peers_up_to
+        }
+        row = {"clients": clients, "seconds": times}
+        row["speedup_vs"] = {n: times[n] / times["vmap"] for n in times if n != "vmap"}
+        rows.append(row)
+        speed = "  ".join(f"{n} {s:5.1f}x" for n, s in row["speedup_vs"].items())
+        print(f"C={clients:4d}  " + "  ".join(f"{n} {t:7.3f}s" for n, t in times.items()))
+        print(f"        vmap speed-up: {speed}")
+
+    mem = []
+    if memory:
+        print("\npeak memory growth (MiB, fresh process each; ru_maxrss over the pre-run RSS)")
+        configs = [("vmap", c, None) for c in sizes] + [("loop", c, None) for c in sizes]
+        big = max(sizes)
+        configs += [("unroll", big, None)] + [("unroll", big, ch) for ch in (8, 32)]
+        configs += [("vmap", big, ch) for ch in (8, 32)]
+        for mode, clients, chunk in configs:
+            mib = measure_memory(mode, clients, chunk)
+            mem.append({"mode": mode, "clients": clients, "chunk_size": chunk, "peak_mib": mib})
+            print(f"  {mode:7s} C={clients:4d} chunk_size={chunk!s:5s} {mib:8.1f} MiB")
+
+    result = {
+        "benchmark": "clients",
+        "workload": {"K": K, "width": WIDTH, "in": DIM, "batch": BATCH, "opt": "sgd", "dtype": "float32"},
+        "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": threads},
+        "repeats": repeats,
+        "rows": rows,
+        "memory": mem,
+        "targets": {"C=32": ">= 10x vs loop", "C=128": ">= 20x vs loop"},
+    }  # fmt: skip
+    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
+    with open(os.path.join(HERE, "results", "clients.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    plot(rows, os.path.join(HERE, "results", "clients.png"))
+    return result
+
+
+def plot(rows: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    for name in rows[0]["seconds"]:
+        pts = [(r["clients"], r["seconds"][name]) for r in rows if name in r["seconds"]]
+        ax.plot(*zip(*pts), marker="o", label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("clients C")
+    ax.set_ylabel(f"seconds per hypergradient (K={K})")
+    ax.set_title("seed-5 hypergradient: vmap vs loops over clients")
+    ax.legend()
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="C in {4, 8}, one repeat, no memory")
+    parser.add_argument("--peers-up-to", type=int, default=32)
+    parser.add_argument("--probe", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.probe:
+        torch.set_num_threads(args.threads)
+        mode, c, ch = args.probe
+        memory_probe(mode, int(c), int(ch) or None)
+    elif args.quick:
+        main(sizes=(4, 8), repeats=1, threads=args.threads, memory=False, peers_up_to=4)
+    else:
+        main(repeats=args.repeats, threads=args.threads, peers_up_to=args.peers_up_to)
