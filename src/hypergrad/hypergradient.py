@@ -19,9 +19,9 @@ from hypergrad.unroll import (
     Batches,
     Problem,
     all_finite,
+    build_step,
     draw_seed,
     locate_nonfinite,
-    make_step,
     outer_fn,
     progress_bar,
     rng_devices,
@@ -153,6 +153,7 @@ def hypergrad(
     progress: bool = False,
     inner_grad: str = "auto",
     check_finite: bool = True,
+    compile: bool | str = False,
 ) -> Hypergradient:
     """The gradient of ``outer_loss(params_K, aux, outer_batch)`` through K optimizer steps.
 
@@ -193,6 +194,12 @@ def hypergrad(
         check_finite: check once, at the end (one device sync), that the losses, the outer
             value and the hypergradient are finite; if not, replay the unroll step by step to
             name the first step and key path that went nan/inf, and raise.
+        compile: ``True`` compiles the step (inner gradient + update) with ``torch.compile``,
+            cached across calls with the same ``inner_loss`` and optimizer family; same results
+            as eager. ``"reverse"``, ``Truncated``, ``Checkpointed`` and ``"first_order"`` run
+            compiled; ``"forward"`` (``torch.func.jvp``) and anything dynamo cannot compile run
+            eagerly with one ``hg.CompileFallbackWarning`` naming the cause; ``"strict"``
+            raises ``hg.CompileError`` instead. See :mod:`hypergrad._compile`.
 
     Returns:
         ``Hypergradient(value, aux, hyperparams, params)``; what was not asked is ``None``.
@@ -206,6 +213,7 @@ def hypergrad(
     Warns:
         UserWarning: an ``aux`` leaf does not affect the outer loss (its hypergradient is
             identically zero); reverse-mode methods only.
+        hg.CompileFallbackWarning: ``compile=True`` ran the step eagerly (names the cause).
 
     Examples:
         The gradient of a validation loss after 3 SGD steps with respect to a per-example
@@ -250,12 +258,13 @@ def hypergrad(
             f"{caller}: method {how!r} runs torch.func.jvp through the steps, which needs "
             "inner_grad='func' (or 'auto'); torch.autograd.grad cannot run under it."
         )
-    step = make_step(
+    step = build_step(
         inner_loss,
         opt,
         has_buffers=buffers is not None,
         inner_grad="func" if how.functional else inner_grad,
         first_order=how.first_order,
+        compile=compile,
         caller=caller,
     )
     problem = Problem(

@@ -1,0 +1,329 @@
+"""The compiled fast path (compile=True): same numbers as eager, no recompiles, clear fallbacks.
+
+Compiling is slow on a small CPU, so every test reuses the same loss functions (module level):
+the compiled steps are cached by (inner_loss, optimizer family, static switches) and shared
+across tests. The fast run covers every method and every optimizer at least once; the full
+method x optimizer x dtype sweep is marked slow.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import hypergrad as hg
+from hypergrad import _compile
+
+K = 3
+NO_CUDA = "no CUDA device in this session: the CUDA cases run only where torch.cuda.is_available()"
+DEVICES = [
+    pytest.param("cpu", id="cpu"),
+    pytest.param(
+        "cuda",
+        id="cuda",
+        marks=pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA),
+    ),
+]
+
+OPTIMIZERS = {
+    "sgd": hg.optim.sgd(lr=0.1, momentum=0.8, weight_decay=0.01),
+    "adam": hg.optim.adam(lr=0.02, betas=(0.8, 0.95), eps=1e-3),
+    "adamw": hg.optim.adamw(lr=0.02, weight_decay=0.1, eps=1e-3),
+    "rmsprop": hg.optim.rmsprop(lr=0.01, momentum=0.5, eps=1e-3),
+    "adagrad": hg.optim.adagrad(lr=0.1, lr_decay=0.01, eps=1e-3),
+}
+WRT = {
+    "reverse": ("aux", "hyperparams", "params"),
+    "truncated": ("aux", "hyperparams"),
+    "checkpointed": ("aux", "hyperparams", "params"),
+    "first_order": ("hyperparams", "params"),  # aux enters only the inner loss: zero, warned
+    "forward": ("aux", "lr"),
+}
+METHODS = {
+    "reverse": "reverse",
+    "truncated": hg.Truncated(2),
+    "checkpointed": hg.Checkpointed(2),
+    "first_order": "first_order",
+    "forward": "forward",
+}
+
+
+def inner(p, aux, batch):
+    x, y = batch
+    h = torch.tanh(x @ p["w1"] + p["b1"])
+    err = ((h @ p["w2"]).squeeze(-1) - y) ** 2
+    return (aux * err).mean() + 0.01 * (p["w1"] ** 2).sum()
+
+
+def outer(p, aux, batch):
+    x, y = batch
+    return (((torch.tanh(x @ p["w1"] + p["b1"]) @ p["w2"]).squeeze(-1) - y) ** 2).mean()
+
+
+def dropout_inner(p, aux, batch):
+    x, y = batch
+    h = torch.nn.functional.dropout(torch.tanh(x @ p["w1"] + p["b1"]), 0.3)
+    return (aux * ((h @ p["w2"]).squeeze(-1) - y) ** 2).mean()
+
+
+def breaking_inner(p, aux, batch):
+    torch._dynamo.graph_break()  # stands for anything dynamo cannot put in one graph
+    return inner(p, aux, batch)
+
+
+def problem(dtype=torch.float64, device="cpu", batch=4, loss=inner):
+    g = torch.Generator().manual_seed(1)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g, dtype=dtype).to(device)
+
+    params = {"w1": 0.5 * rand(3, 5), "b1": 0.1 * rand(5), "w2": 0.5 * rand(5, 1)}
+    aux = (torch.rand(batch, generator=g, dtype=dtype) + 0.5).to(device)
+    return {
+        "outer_loss": outer,
+        "inner_loss": loss,
+        "params": params,
+        "batches": (rand(K, batch, 3), rand(K, batch)),
+        "outer_batch": (rand(batch, 3), rand(batch)),
+        "aux": aux,
+        "seed": 7,
+    }
+
+
+def flat(result: hg.Hypergradient) -> list[torch.Tensor]:
+    return [x for x in hg.tree.leaves(tuple(result)) if isinstance(x, torch.Tensor)]
+
+
+def assert_close(got, want, dtype):
+    """float64: 1e-10; float32: 1e-5 relative to each leaf and to the largest entry overall.
+
+    A float32 hypergradient sums K steps of second-order terms with cancellation, so a small
+    entry carries rounding of the order of eps * (the largest entry); fused compiled kernels round
+    differently from eager ones.
+    """
+    got = flat(got) if isinstance(got, hg.Hypergradient) else got
+    want = flat(want) if isinstance(want, hg.Hypergradient) else want
+    assert len(got) == len(want) > 0
+    scale = max(float(b.detach().abs().max()) for b in want if b.numel())
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=tol, atol=tol * max(scale, 1.0))
+
+
+def graphs() -> int:
+    return counters["stats"]["unique_graphs"]
+
+
+def run(method_name, opt, *, compile, dtype=torch.float64, device="cpu", **changes):
+    kwargs = problem(dtype, device) | changes
+    with warnings.catch_warnings():
+        if method_name == "first_order":  # the aux hypergradient warning is not under test
+            warnings.filterwarnings("ignore", message="hg.hypergrad: aux does not affect")
+        return hg.hypergrad(
+            **kwargs, opt=opt, method=METHODS[method_name], wrt=WRT[method_name], compile=compile
+        )
+
+
+# Every method and every optimizer at least once (float64), plus float32 cases.
+FAST = [
+    ("reverse", "sgd", torch.float64),
+    ("reverse", "adam", torch.float64),
+    ("truncated", "adamw", torch.float64),
+    ("checkpointed", "rmsprop", torch.float64),
+    ("first_order", "adagrad", torch.float64),
+    ("reverse", "adam", torch.float32),
+    ("checkpointed", "sgd", torch.float32),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    ("method", "opt", "dtype"), FAST, ids=[f"{m}-{o}-{str(d)[6:]}" for m, o, d in FAST]
+)
+def test_compiled_hypergradient_equals_eager(method, opt, dtype, device):
+    eager = run(method, OPTIMIZERS[opt], compile=False, dtype=dtype, device=device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", hg.CompileFallbackWarning)  # it really compiled
+        compiled = run(method, OPTIMIZERS[opt], compile=True, dtype=dtype, device=device)
+    assert_close(compiled, eager, dtype)
+    assert compiled.value.device.type == device
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("opt", list(OPTIMIZERS))
+@pytest.mark.parametrize("method", [m for m in METHODS if m != "forward"])
+def test_compiled_hypergradient_equals_eager_sweep(method, opt, dtype):
+    eager = run(method, OPTIMIZERS[opt], compile=False, dtype=dtype)
+    compiled = run(method, OPTIMIZERS[opt], compile=True, dtype=dtype)
+    assert_close(compiled, eager, dtype)
+
+
+def test_forward_method_falls_back_with_one_warning_and_strict_raises():
+    eager = run("forward", OPTIMIZERS["sgd"], compile=False)
+    with pytest.warns(hg.CompileFallbackWarning) as record:
+        compiled = run("forward", OPTIMIZERS["sgd"], compile=True)
+    assert len(record) == 1
+    assert "hg.hypergrad: compile=True could not compile the step: it runs inside a torch.func" in (
+        str(record[0].message)
+    )
+    assert_close(compiled, eager, torch.float64)
+    with pytest.raises(hg.CompileError, match=r"hg.hypergrad: compile='strict' could not .*func"):
+        run("forward", OPTIMIZERS["sgd"], compile="strict")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_no_recompile_across_calls_with_the_same_shapes(device):
+    sgd = OPTIMIZERS["sgd"]
+    run("reverse", sgd, compile=True, device=device)  # warm: compiles (or reuses) the graphs
+    before = graphs()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for scale in (2.0, 3.0):
+            # new values everywhere: aux, a differentiated lr, and a fresh optimizer object
+            opt = hg.optim.sgd(lr=0.1 / scale, momentum=0.8, weight_decay=0.01)
+            kwargs = problem(device=device)
+            kwargs["aux"] = kwargs["aux"] * scale
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", hg.CompileFallbackWarning)
+                got = hg.hypergrad(**kwargs, opt=opt, wrt=WRT["reverse"], compile=True)
+            want = hg.hypergrad(**kwargs, opt=opt, wrt=WRT["reverse"])
+            assert_close(got, want, torch.float64)
+    assert graphs() == before
+
+
+def test_unroll_compiled_equals_eager_and_shares_the_cache():
+    kwargs = problem()
+    aux = kwargs["aux"].clone().requires_grad_()
+    sgd = OPTIMIZERS["sgd"]
+    args = (inner, kwargs["params"], sgd, kwargs["batches"])
+    # hg.hypergrad with float hyperparameters compiles the same variants hg.unroll needs
+    hg.hypergrad(**problem(), opt=sgd, wrt=("aux",), compile=True)
+    before = graphs()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", hg.CompileFallbackWarning)
+        compiled = hg.unroll(*args, aux=aux, seed=7, compile=True)
+    eager = hg.unroll(*args, aux=aux, seed=7)
+    assert graphs() == before  # hg.unroll reused hg.hypergrad's compiled graphs
+    assert_close([compiled.losses, *compiled.params.values()], [eager.losses,
+                 *eager.params.values()], torch.float64)  # fmt: skip
+    grad_c = torch.autograd.grad(compiled.params["w2"].sum(), aux)
+    grad_e = torch.autograd.grad(eager.params["w2"].sum(), aux)
+    assert_close(list(grad_c), list(grad_e), torch.float64)
+
+
+def test_changed_shapes_compile_a_bounded_number_of_times():
+    sgd = OPTIMIZERS["sgd"]
+    run("reverse", sgd, compile=True)
+    first = graphs()
+    run("reverse", sgd, compile=True, **problem(batch=6))  # new shapes: new graphs
+    grown = graphs() - first
+    assert 1 <= grown <= 3  # at most one graph per (grad mode, requires-grad pattern)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        run("reverse", sgd, compile=True)  # both shapes are cached now
+        run("reverse", sgd, compile=True, **problem(batch=6))
+    assert graphs() == first + grown
+
+
+def test_dropout_matches_eager_when_checkpointing_recomputes_it():
+    # fallback_random: compiled dropout draws eager's numbers, so Checkpointed recomputes them.
+    sgd = OPTIMIZERS["sgd"]
+    eager = run("checkpointed", sgd, compile=False, inner_loss=dropout_inner)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", hg.CompileFallbackWarning)
+        compiled = run("checkpointed", sgd, compile=True, inner_loss=dropout_inner)
+    assert_close(compiled, eager, torch.float64)
+    plain = run("reverse", sgd, compile=False)
+    assert not torch.allclose(plain.aux, eager.aux)  # the dropout did change the result
+
+
+def test_graph_break_falls_back_once_with_the_cause_and_strict_raises():
+    sgd = OPTIMIZERS["adam"]
+    eager = run("reverse", sgd, compile=False, inner_loss=breaking_inner)
+    for _ in range(2):  # the failure is remembered: the second call does not try again
+        with pytest.warns(hg.CompileFallbackWarning) as record:
+            compiled = run("reverse", sgd, compile=True, inner_loss=breaking_inner)
+        assert len(record) == 1
+        message = str(record[0].message)
+        assert message.startswith("hg.hypergrad: compile=True could not compile the step: ")
+        assert "graph_break" in message
+        assert_close(compiled, eager, torch.float64)
+    with pytest.raises(hg.CompileError, match=r"hg.hypergrad: compile='strict' could not compile"):
+        _compile.clear_cache()
+        run("reverse", sgd, compile="strict", inner_loss=breaking_inner)
+
+
+def test_user_errors_surface_as_in_eager_without_a_fallback_warning():
+    def vector_loss(p, aux, batch):
+        return aux * (p["w1"] ** 2).sum()  # not a scalar
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", hg.CompileFallbackWarning)
+        with pytest.raises(ValueError, match=r"hg.hypergrad: inner_loss must return a scalar"):
+            run("reverse", OPTIMIZERS["sgd"], compile=True, inner_loss=vector_loss)
+
+
+def test_func_transform_over_a_compiled_unroll_falls_back():
+    kwargs = problem()
+
+    def final_w2(aux, compile):
+        traj = hg.unroll(inner, kwargs["params"], OPTIMIZERS["sgd"], kwargs["batches"], aux=aux,
+                         seed=7, compile=compile)  # fmt: skip
+        return traj.params["w2"].sum()
+
+    want = torch.func.grad(final_w2)(kwargs["aux"], False)
+    with pytest.warns(hg.CompileFallbackWarning, match="hg.unroll: .*inside a torch.func"):
+        got = torch.func.grad(final_w2)(kwargs["aux"], True)
+    assert_close([got], [want], torch.float64)
+
+
+def test_a_compiled_unroll_supports_one_plain_backward_only():
+    kwargs = problem()
+    aux = kwargs["aux"].clone().requires_grad_()
+    traj = hg.unroll(inner, kwargs["params"], OPTIMIZERS["sgd"], kwargs["batches"], aux=aux,
+                     seed=7, compile=True)  # fmt: skip
+    # torch's own error (documented limitation): no create_graph/retain_graph through it
+    with pytest.raises(RuntimeError, match="create_graph=False and retain_graph=False"):
+        torch.autograd.grad(traj.params["w2"].sum(), aux, create_graph=True)
+
+
+def test_bad_arguments_are_rejected():
+    with pytest.raises(ValueError, match=r"hg.hypergrad: compile must be False, True or 'strict'"):
+        run("reverse", OPTIMIZERS["sgd"], compile="yes")
+    with pytest.raises(ValueError, match=r"hg.unroll: compile=True compiles the inner gradient"):
+        kwargs = problem()
+        hg.unroll(inner, kwargs["params"], OPTIMIZERS["sgd"], kwargs["batches"], aux=kwargs["aux"],
+                  compile=True, inner_grad="autograd")  # fmt: skip
+
+
+def test_cache_key_ignores_hyperparameter_values_but_not_the_family():
+    sgd = OPTIMIZERS["sgd"]
+    a = _compile.step_key(inner, sgd, has_buffers=False)
+    assert a == _compile.step_key(inner, sgd.replace(lr=0.5), has_buffers=False)
+    assert a != _compile.step_key(inner, sgd.replace(nesterov=True), has_buffers=False)
+    assert a != _compile.step_key(outer, sgd, has_buffers=False)
+    assert a != _compile.step_key(inner, sgd, has_buffers=True)
+    # A cached step compiled for one float lr gives the right numbers for another (a float is a
+    # compile-time constant: this compiles new variants in the same entry).
+    opt = sgd.replace(lr=0.05)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", hg.CompileFallbackWarning)
+        got = hg.hypergrad(**problem(), opt=opt, wrt=("aux",), compile=True)
+    assert_close(got, hg.hypergrad(**problem(), opt=opt, wrt=("aux",)), torch.float64)
+
+
+def limited_inner(p, aux, batch):
+    return inner(p, aux, batch)
+
+
+def test_recompile_limit_falls_back_with_advice():
+    sgd = OPTIMIZERS["sgd"]
+    eager = run("reverse", sgd, compile=False, inner_loss=limited_inner)
+    with (
+        torch._dynamo.config.patch(recompile_limit=1),  # reverse needs 2 variants
+        pytest.warns(hg.CompileFallbackWarning, match=r"recompile_limit=1 compiled variants"),
+    ):
+        compiled = run("reverse", sgd, compile=True, inner_loss=limited_inner)
+    assert_close(compiled, eager, torch.float64)
