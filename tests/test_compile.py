@@ -327,3 +327,22 @@ def test_recompile_limit_falls_back_with_advice():
     ):
         compiled = run("reverse", sgd, compile=True, inner_loss=limited_inner)
     assert_close(compiled, eager, torch.float64)
+
+
+def test_clients_compiled_equals_eager():
+    # hg.clients compiles its vmapped step (torch.func.vmap of the engine step) as one graph.
+    base = problem()
+    clients = 3
+    params = {k: torch.stack([v * (1 + 0.1 * c) for c in range(clients)]) for k, v in
+              base["params"].items()}  # fmt: skip
+    batches = tuple(torch.stack([b] * clients, dim=1) for b in base["batches"])  # (K, C, ...)
+    kwargs = dict(outer_loss=outer, inner_loss=inner, params=params, opt=OPTIMIZERS["sgd"],
+                  batches=batches, outer_batch=base["outer_batch"], aux=base["aux"], seed=7,
+                  wrt=("aux",))  # fmt: skip
+    eager = hg.clients.hypergrad(**kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", hg.CompileFallbackWarning)
+        compiled = hg.clients.hypergrad(**kwargs, compile=True)
+    assert_close(compiled, eager, torch.float64)
+    with pytest.raises(ValueError, match=r"hg.clients.hypergrad: compile must be False, True"):
+        hg.clients.hypergrad(**kwargs, compile=1)

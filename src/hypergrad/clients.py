@@ -90,6 +90,7 @@ import torch
 from torch import nn
 
 from hypergrad import tree as _tree
+from hypergrad._compile import check_compile, compile_step, step_key
 from hypergrad.hypergradient import (
     Hypergradient,
     _check_float,
@@ -631,6 +632,7 @@ def _setup(
     inner_grad: str = "auto",
     targets: tuple[str, ...] = (),
     hyper_names: tuple[str, ...] = (),
+    compile: bool | str = False,
 ) -> _Setup:
     if not isinstance(opt, Optimizer):
         raise TypeError(
@@ -667,9 +669,15 @@ def _setup(
     has_buffers = buffers is not None
     vmap = dict(chunk_size=chunk_size, randomness=randomness)
     hp_dims = dims["hyperparams"]
+    compile = check_compile(compile, caller=caller)
     vstep = _vmapped_step(
-        inner_loss, opt, has_buffers, first_order, dims, caller, inner_grad, **vmap
-    )
+        inner_loss, opt, has_buffers, first_order, dims, caller,
+        "func" if compile else inner_grad, **vmap,
+    )  # fmt: skip
+    if compile:  # the whole vmapped step (torch.func inside) is one graph; see hypergrad._compile
+        key = step_key(inner_loss, opt, has_buffers=has_buffers, first_order=first_order,
+                       clients=repr(dims), vmap=(chunk_size, randomness))  # fmt: skip
+        vstep = compile_step(vstep, compile=compile, caller=caller, key=key)
     init_one = _vmap_trees(lambda p, h: (opt.init(p, hyperparams=h),), 1, (hp_dims,), **vmap)
 
     def vinit(p: PyTree, h: Mapping[str, Any]) -> PyTree:
@@ -742,6 +750,7 @@ def unroll(
     randomness: str = "error",
     seed: int | None = None,
     check_finite: bool = True,
+    compile: bool | str = False,
 ) -> Trajectory:
     """Run K optimizer steps of every client at once (``torch.func.vmap``), for R rounds.
 
@@ -771,6 +780,8 @@ def unroll(
         randomness: as in ``torch.func.vmap``: ``"error"``, ``"different"`` or ``"same"``.
         seed: base seed; step ``k`` runs with ``seed + k`` (see :mod:`hypergrad.unroll`).
         check_finite: check the losses and final params once; name the step and key if not.
+        compile: compile the vmapped step with ``torch.compile`` (``True``: eager fallback
+            with ``hg.CompileFallbackWarning``; ``"strict"``: raise); see ``hg.unroll``.
 
     Returns:
         ``Trajectory(params, state, buffers, losses)``: the clients' stacked values after the
@@ -790,7 +801,8 @@ def unroll(
         (tensor([0.0000, 0.8750, 1.7500, 2.6250]), torch.Size([3, 4]))
     """
     caller = "hg.clients.unroll"
-    hp = dict(opt.hyperparams if hyperparams is None else hyperparams)
+    hp = dict(opt.hyperparams)  # every value: a cached compiled step may close over another opt
+    hp.update(hyperparams or {})
     setup = _setup(
         caller,
         inner_loss,
@@ -811,6 +823,7 @@ def unroll(
         randomness=randomness,
         seed=seed,
         first_order=False,
+        compile=compile,
     )
     problem = setup.problem
     carry, aux_in, hp_in = problem.bind({})
@@ -846,6 +859,7 @@ def hypergrad(
     randomness: str = "error",
     seed: int | None = None,
     check_finite: bool = True,
+    compile: bool | str = False,
 ) -> Hypergradient:
     """The gradient of a server-side outer loss through R rounds of K steps of C clients.
 
@@ -884,6 +898,8 @@ def hypergrad(
         randomness: as in ``torch.func.vmap``.
         seed: base seed of the steps' random numbers.
         check_finite: check once that the result is finite; name the step and key if not.
+        compile: compile the vmapped step with ``torch.compile``, as in ``hg.hypergrad``
+            (``"forward"`` runs eagerly with ``hg.CompileFallbackWarning``; ``"strict"`` raises).
 
     Returns:
         ``Hypergradient(value, aux, hyperparams, params)``.
@@ -944,6 +960,7 @@ def hypergrad(
         inner_grad="func" if how.functional else "auto",
         targets=targets,
         hyper_names=names,
+        compile=compile,
     )
     problem = setup.problem
     how.validate(problem, caller=caller)
