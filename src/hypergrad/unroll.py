@@ -685,7 +685,11 @@ def unroll(
             of batches (consumed lazily), or a function ``batch_fn(k)``.
         aux: a pytree passed unchanged to ``inner_loss`` at every step.
         state: the initial optimizer state; default ``opt.init(params, hyperparams=...)``.
-        buffers: the initial buffers; ``None`` when nothing is carried.
+        buffers: the initial buffers; ``None`` when nothing is carried. torch updates
+            BatchNorm's running statistics without autograd, so every method treats them as
+            constants: no hypergradient flows through them (an outer loss in eval mode sees
+            them, but not their dependence on ``aux``). Buffers computed with differentiable
+            ops (a functional moving average) are differentiated like the params.
         steps: K; default: the number of stacked batches, or ``len(batches)``.
         hyperparams: replaces ``opt.hyperparams`` (same keys); tensors here are differentiable.
         seed: base seed; step ``k`` runs with ``torch.manual_seed(seed + k)`` inside
