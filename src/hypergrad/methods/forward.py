@@ -33,7 +33,8 @@ class Forward(Method):
 
     - time: ``ceil(D / B) * K * c_jvp(B)``, where ``c_jvp(B)`` is a step with B tangents
       (about 2-3 c when B = 1, sublinear in B through vectorisation);
-    - memory: ``O(B * (P + A_1))`` where A_1 is one step's working memory: independent of K.
+    - memory: ``O(B * (P + A_1))`` where A_1 is one step's working memory, independent of K
+      apart from the K scalar step losses kept for the finiteness check (about 2 KB a step).
 
     Args:
         chunk_size: number of directions per vmapped pass (``None``: all D at once).
