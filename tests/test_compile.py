@@ -8,6 +8,7 @@ method x optimizer x dtype sweep is marked slow.
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import pytest
@@ -153,6 +154,11 @@ def test_compiled_hypergradient_equals_eager(method, opt, dtype, device):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(
+    os.environ.get("HYPOTHESIS_PROFILE") != "thorough",
+    reason="the full compile sweep (40 compiled variants, minutes) runs in the thorough profile "
+    "(make test-thorough); the fast cases above cover every method and optimizer",
+)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
 @pytest.mark.parametrize("opt", list(OPTIMIZERS))
 @pytest.mark.parametrize("method", [m for m in METHODS if m != "forward"])
