@@ -1,4 +1,4 @@
-"""The claims of tutorials 6-8 and of the flagship demo, on their example scripts (small settings)."""
+"""The claims of tutorials 5-8 and of the flagship demo, on their example scripts (small settings)."""
 
 from __future__ import annotations
 
@@ -48,14 +48,28 @@ def test_reweighting_beats_unweighted_training_under_label_noise():
     assert r["weights"].mean().item() == pytest.approx(1.0, rel=1e-5)
 
 
-def test_flagship_meta_iterations_improve_the_server(tmp_path):
+def test_tutorial5_loop_and_vmap_hypergradients_match_finite_differences_and_each_other():
+    r = run("seed5_loop_vs_vmap", clients=3, steps=4, timing_clients=(2,))
+    for name in ("SGD", "Adam"):
+        assert r["checks"][name].passed and r["checks"][name].max_rel_err < 1e-6
+        assert r["max_diff"][name] < 1e-12
+        loop_value, vmap_value = r[f"{name} value"]
+        assert loop_value == pytest.approx(vmap_value, rel=1e-12)
+    assert set(r["timing"]) == {2} and all(t > 0 for t in r["timing"][2])
+
+
+def test_flagship_learned_penalty_beats_fedavg_on_held_out_test_loss(tmp_path):
     out = tmp_path / "flagship.png"
     r = run(
-        "flagship_demo", clients=6, rounds=2, local_steps=10, meta_iterations=3,
+        "flagship_demo", clients=40, rounds=6, local_steps=20, meta_iterations=4,
         out=str(out), progress=False,
     )  # fmt: skip
     assert out.exists() and out.stat().st_size > 1000 and r["plot"] == str(out)
-    table = r["table"]
-    assert table["learned aux"]["val_loss"] < table["initial aux"]["val_loss"]
-    assert r["val_curve"][-1] < r["val_curve"][0]
-    assert r["strengths"].shape == (r["clients"], 2)
+    before, after = r["table"]["FedAvg (before)"], r["table"]["learned (after)"]
+    # The starting point is exactly FedAvg: zero strengths, and the first hypergradient's value.
+    assert r["val_curve"][0] == pytest.approx(before["val_loss"], rel=1e-5)
+    assert after["val_loss"] < before["val_loss"] - 0.02
+    assert after["test_loss"] < before["test_loss"]  # held-out data, never used above
+    assert after["test_accuracy"] > before["test_accuracy"]
+    assert r["strengths"].shape == (r["clients"], 2) and (r["strengths"] >= 0).all()
+    assert r["strengths"].max() > 0  # the learned penalty is not FedAvg again
