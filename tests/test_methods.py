@@ -298,3 +298,60 @@ def test_checkpointed_differentiates_through_differentiable_buffers():
         for a, b in zip(hg.tree.leaves(got[1:]), hg.tree.leaves(ref[1:])):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
     hg.testing.check_hypergrad(**problem, method=hg.Checkpointed(2), wrt=("aux", "lr", "params"))
+
+
+# --------------------------------------------------------------- torch #123996 (mse_loss, forward)
+
+
+def _mse_problem():
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Tanh(), torch.nn.Linear(5, 1))
+    model = model.double()
+    x = torch.randn(4, 8, 3, dtype=torch.float64)
+    y = torch.randn(4, 8, 1, dtype=torch.float64)
+    params, _ = hg.split(model)
+    return model, params, x, y
+
+
+@pytest.mark.parametrize("opt", [hg.optim.sgd(lr=0.1, momentum=0.5), hg.optim.adam(lr=0.05)])
+def test_forward_with_mse_loss_target_in_batch_matches_reverse(opt):
+    # F.mse_loss's forward-over-reverse rule writes into the target's missing tangent (a torch bug);
+    # the forward method gives batch tensors a zero tangent so this common loss just works.
+    model, params, x, y = _mse_problem()
+
+    def inner(p, s, batch):
+        xb, yb = batch
+        fit = torch.nn.functional.mse_loss(hg.call(model, p, xb), yb)
+        return fit + s * hg.tree.vdot(p, p)
+
+    def outer(p, s, batch):
+        return torch.nn.functional.mse_loss(hg.call(model, p, batch[0]), batch[1])
+
+    s = torch.tensor(0.01, dtype=torch.float64)
+    args = (outer, inner, params, opt, (x, y), (x[0], y[0]))
+    fwd = hg.hypergrad(*args, aux=s, method="forward", wrt=("aux", "lr"), seed=0)
+    rev = hg.hypergrad(*args, aux=s, method="reverse", wrt=("aux", "lr"), seed=0)
+    torch.testing.assert_close(fwd.aux, rev.aux, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(fwd.hyperparams["lr"], rev.hyperparams["lr"], rtol=1e-10, atol=1e-12)
+
+
+def test_forward_with_mse_loss_target_from_closure_explains_torch_bug():
+    model, params, x, y = _mse_problem()
+
+    def inner(p, s, xb):  # the target y is captured, so it has no tangent
+        return torch.nn.functional.mse_loss(hg.call(model, p, xb), y[0]) + s * hg.tree.vdot(p, p)
+
+    def outer(p, s, xb):
+        return hg.call(model, p, xb).pow(2).mean()
+
+    with pytest.raises(RuntimeError, match=r"torch bug \(pytorch/pytorch#123996.*pass the target"):
+        hg.hypergrad(
+            outer,
+            inner,
+            params,
+            hg.optim.sgd(lr=0.1),
+            x,
+            x[0],
+            aux=torch.tensor(0.01, dtype=torch.float64),
+            method="forward",
+        )

@@ -2,16 +2,52 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
+from typing import Any
 
 import torch
 
 from hypergrad import tree as _tree
 from hypergrad.methods._base import Method, MethodResult
+from hypergrad.tree import PyTree
 from hypergrad.unroll import Problem, run_steps
 
 __all__ = ["Forward"]
+
+# torch's forward-mode formula of some double-backward ops writes into the tangent of an input
+# that has none (an immutable "ZeroTensor"): F.mse_loss with reduction="mean" is the known case
+# (pytorch/pytorch#123996, unfixed in torch 2.13).
+_ZERO_TENSOR_BUG = "ZeroTensors are immutable"
+
+
+def _with_zero_tangents(batch: PyTree, anchor: torch.Tensor) -> PyTree:
+    """Give every floating-point tensor of ``batch`` a dense zero tangent; values unchanged.
+
+    ``anchor`` is ``0 * vector.sum()`` of the dual input: its value is 0 and its tangent a real
+    (materialised) zero, so ``x + anchor`` equals ``x`` and carries a tangent that torch's
+    formulas may write into. This sidesteps #123996 for targets that come in through the batch.
+    """
+
+    def attach(x: Any) -> Any:
+        if isinstance(x, torch.Tensor) and x.is_floating_point():
+            return x + anchor.to(x.dtype)
+        return x
+
+    return _tree.map(attach, batch)
+
+
+def _explain_zero_tensor_bug(error: RuntimeError) -> RuntimeError:
+    return RuntimeError(
+        "hg.hypergrad(method='forward'): torch's forward-mode rule for an op in inner_loss failed "
+        f"({error}). This is a torch bug (pytorch/pytorch#123996; known case: "
+        "F.mse_loss / nn.MSELoss with reduction='mean') that strikes when one input of that op "
+        "carries no tangent, typically a target tensor captured from outside inner_loss. "
+        "Fixes: pass the target in through the batch (hypergrad gives batch tensors a zero "
+        "tangent), or write the loss with elementary ops, e.g. ((pred - y) ** 2).mean(), or use "
+        "method='reverse' or hg.Checkpointed(S)."
+    )
 
 
 class Forward(Method):
@@ -82,7 +118,11 @@ class Forward(Method):
 
         def run(vector: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             carry, aux, hp = problem.bind(unravel(vector))
-            carry, losses = run_steps(problem, carry, aux, hp, 0, problem.steps)
+            anchor = vector.sum() * 0
+            dual_problem = dataclasses.replace(
+                problem, batch_at=lambda k: _with_zero_tangents(problem.batch_at(k), anchor)
+            )
+            carry, losses = run_steps(dual_problem, carry, aux, hp, 0, problem.steps)
             return problem.value(carry, aux), torch.stack(losses)
 
         def directional(tangent: torch.Tensor):
@@ -107,9 +147,14 @@ class Forward(Method):
                 rows = torch.arange(hi - lo, device=flat.device)
                 basis = torch.zeros(hi - lo, size, dtype=flat.dtype, device=flat.device)
                 basis[rows, rows + lo] = 1
-                values, tangents, step_losses = torch.func.vmap(directional, randomness="same")(
-                    basis
-                )
+                try:
+                    values, tangents, step_losses = torch.func.vmap(directional, randomness="same")(
+                        basis
+                    )
+                except RuntimeError as error:
+                    if _ZERO_TENSOR_BUG in str(error):
+                        raise _explain_zero_tensor_bug(error) from error
+                    raise
                 parts.append(tangents)
                 value, losses = values[0], step_losses[0]
         grads = unravel(torch.cat(parts))
