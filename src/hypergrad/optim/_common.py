@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import optree
 import torch
@@ -210,14 +210,6 @@ def scale(x: torch.Tensor, a: Scalar) -> torch.Tensor:
 # --------------------------------------------------------------------------- the flat step
 
 
-def check_grads(caller: str, params: PyTree, grads: PyTree) -> optree.PyTreeSpec:
-    """Return the params' treespec; raise ``ValueError`` naming the key if grads differ."""
-    spec = optree.tree_structure(params, namespace=_NAMESPACE)
-    if optree.tree_structure(grads, namespace=_NAMESPACE) != spec:
-        _explain(caller, "grads", params, grads)
-    return spec
-
-
 def _explain(caller: str, what: str, params: PyTree, other: PyTree) -> None:
     pa, _, sa = optree.tree_flatten_with_path(params, namespace=_NAMESPACE)
     pb, _, sb = optree.tree_flatten_with_path(other, namespace=_NAMESPACE)
@@ -235,6 +227,45 @@ def _explain(caller: str, what: str, params: PyTree, other: PyTree) -> None:
     )
 
 
+class _Group(NamedTuple):
+    """One (dtype, device) group of leaves: their indices, sizes and shapes, fixed per layout."""
+
+    idx: list[int]
+    sizes: list[int]
+    shapes: list[torch.Size]
+    flat: list[bool]  # leaf i is already 1-d of its own size: no reshape needed
+
+
+_LAYOUTS: dict[Any, list[_Group]] = {}
+
+
+def _layout(spec: optree.PyTreeSpec, p_leaves: list[torch.Tensor]) -> list[_Group]:
+    """The groups of a params tree; cached on (structure, shapes, dtypes, devices) when eager."""
+    key = None
+    if not torch.compiler.is_compiling():
+        key = (spec, *[(p.shape, p.dtype, p.device) for p in p_leaves])
+        hit = _LAYOUTS.get(key)
+        if hit is not None:
+            return hit
+    by_kind: dict[tuple[torch.dtype, torch.device], list[int]] = {}
+    for i, p in enumerate(p_leaves):
+        by_kind.setdefault((p.dtype, p.device), []).append(i)
+    groups = [
+        _Group(
+            idx,
+            [p_leaves[i].numel() for i in idx],
+            [p_leaves[i].shape for i in idx],
+            [p_leaves[i].dim() == 1 for i in idx],
+        )
+        for idx in by_kind.values()
+    ]
+    if key is not None:
+        if len(_LAYOUTS) >= 64:
+            _LAYOUTS.clear()
+        _LAYOUTS[key] = groups
+    return groups
+
+
 def flat_update(
     caller: str,
     math: Math,
@@ -250,61 +281,47 @@ def flat_update(
     ``math(p, g, bufs, step, hp, options)`` gets flat tensors ``p``, ``g``, a dict of flat
     buffers (``None`` for a buffer that is off), the new step count and the hyperparameters
     (numbers, 0-d tensors or flat vectors); it returns ``(new_p, new_bufs)``.
+
+    The per-structure work (grouping, sizes, shapes) is cached; when the params or a buffer
+    are the consecutive views of one flat vector (as this function returns them) that vector
+    is used as is instead of concatenating the leaves again.
     """
-    spec = check_grads(caller, params, grads)
-    paths, p_leaves, _ = optree.tree_flatten_with_path(params, namespace=_NAMESPACE)
-    g_leaves = optree.tree_leaves(grads, namespace=_NAMESPACE)
+    p_leaves, spec = optree.tree_flatten(params, namespace=_NAMESPACE)
+    g_leaves, g_spec = optree.tree_flatten(grads, namespace=_NAMESPACE)
+    if g_spec != spec:
+        _explain(caller, "grads", params, grads)
     b_leaves: dict[str, list[torch.Tensor] | None] = {}
     for name, tree in buffers.items():
         if tree is None:
             b_leaves[name] = None
             continue
-        if optree.tree_structure(tree, namespace=_NAMESPACE) != spec:
+        leaves, b_spec = optree.tree_flatten(tree, namespace=_NAMESPACE)
+        if b_spec != spec:
             _explain(caller, f"state.{name}", params, tree)
-        b_leaves[name] = optree.tree_leaves(tree, namespace=_NAMESPACE)
+        b_leaves[name] = leaves
     shapes = [p.shape for p in p_leaves]
-    hp = {}
-    for name, value in hyperparams.items():
-        if isinstance(value, tuple):
-            hp[name] = tuple(
-                resolve(caller, f"{name}[{i}]", v, paths, shapes, spec) for i, v in enumerate(value)
-            )
-        else:
-            hp[name] = resolve(caller, name, value, paths, shapes, spec)
-
-    groups: dict[tuple[torch.dtype, torch.device], list[int]] = {}
-    for i, p in enumerate(p_leaves):
-        groups.setdefault((p.dtype, p.device), []).append(i)
-
+    hp = _resolve_all(caller, hyperparams, spec, shapes)
+    groups = _layout(spec, p_leaves)
     n = len(p_leaves)
     new_p: list[Any] = [None] * n
     new_b: dict[str, list[Any] | None] = {
         k: (None if v is None else [None] * n) for k, v in b_leaves.items()
     }
-    for idx in groups.values():
-
-        def cat(leaves: list[torch.Tensor], idx: list[int] = idx) -> torch.Tensor:
-            if len(idx) == 1:
-                return leaves[idx[0]].reshape(-1)
-            base = _flat_base([leaves[i] for i in idx])
-            if base is not None:
-                return base
-            return torch.cat([leaves[i].reshape(-1) for i in idx])
-
-        p = cat(p_leaves)
+    for group in groups:
+        idx = group.idx
+        p = _cat(p_leaves, group)
         ghp = {
             k: tuple(flat_hp(x, idx, shapes, p) for x in v)
             if isinstance(v, tuple)
             else flat_hp(v, idx, shapes, p)
             for k, v in hp.items()
         }
-        bufs = {k: (None if v is None else cat(v)) for k, v in b_leaves.items()}
-        out_p, out_b = math(p, cat(g_leaves), bufs, step, ghp, options)
-        sizes = [p_leaves[i].numel() for i in idx]
-        _scatter(out_p, idx, sizes, shapes, new_p)
+        bufs = {k: (None if v is None else _cat(v, group)) for k, v in b_leaves.items()}
+        out_p, out_b = math(p, _cat(g_leaves, group), bufs, step, ghp, options)
+        _scatter(out_p, group, new_p)
         for k, v in out_b.items():
             if v is not None:
-                _scatter(v, idx, sizes, shapes, new_b[k])  # type: ignore[arg-type]
+                _scatter(v, group, new_b[k])  # type: ignore[arg-type]
     params_out = optree.tree_unflatten(spec, new_p)
     bufs_out = {
         k: (None if v is None else optree.tree_unflatten(spec, v)) for k, v in new_b.items()
@@ -312,30 +329,71 @@ def flat_update(
     return params_out, bufs_out
 
 
-def _flat_base(leaves: list[torch.Tensor]) -> torch.Tensor | None:
+def _resolve_all(
+    caller: str, hyperparams: Mapping[str, Any], spec: optree.PyTreeSpec, shapes: list
+) -> dict[str, Any]:
+    """:func:`resolve` every hyperparameter; numbers (the common case) pass straight through."""
+    hp: dict[str, Any] = {}
+    paths = None
+    for name, value in hyperparams.items():
+        values = value if isinstance(value, tuple) else (value,)
+        if all(is_number(v) for v in values):
+            hp[name] = value
+            continue
+        if paths is None:
+            paths = spec.paths()
+        if isinstance(value, tuple):
+            hp[name] = tuple(
+                resolve(caller, f"{name}[{i}]", v, paths, shapes, spec) for i, v in enumerate(value)
+            )
+        else:
+            hp[name] = resolve(caller, name, value, paths, shapes, spec)
+    return hp
+
+
+def _cat(leaves: list[torch.Tensor], group: _Group) -> torch.Tensor:
+    """The leaves of one group as one flat vector (their common base when they are views of it)."""
+    idx = group.idx
+    if len(idx) == 1:
+        return leaves[idx[0]].reshape(-1)
+    if len(idx) == len(leaves):
+        chosen = leaves
+    else:
+        chosen = [leaves[i] for i in idx]
+    if concrete(chosen[0]):
+        base = _flat_base(chosen, group.sizes)
+        if base is not None:
+            return base
+        # One C++ call: cat of the flattened leaves, the same differentiable ops as below.
+        return torch._utils._flatten_dense_tensors(chosen)
+    return torch.cat([t if flat else t.reshape(-1) for t, flat in zip(chosen, group.flat)])
+
+
+def _flat_base(leaves: list[torch.Tensor], sizes: list[int]) -> torch.Tensor | None:
     """The flat vector the leaves are consecutive views of (as our own step returns), or None.
 
     Using it instead of ``torch.cat`` saves a copy per step; the gradient is the same because
-    each leaf is a slice of it. Only for plain tensors (under vmap, grad or compile: ``None``).
+    each leaf is a slice of it. Only for plain tensors (the caller checks ``concrete``).
     """
-    first = leaves[0]
-    base = first._base
-    if base is None or base.dim() != 1 or not concrete(first):
+    base = leaves[0]._base
+    if base is None or base.dim() != 1 or base.numel() != sum(sizes):
         return None
     offset = base.storage_offset()
-    for leaf in leaves:
+    for leaf, size in zip(leaves, sizes):
         if leaf._base is not base or leaf.storage_offset() != offset or not leaf.is_contiguous():
             return None
-        offset += leaf.numel()
-    return base if offset - base.storage_offset() == base.numel() else None
+        offset += size
+    return base
 
 
-def _scatter(flat: torch.Tensor, idx: list[int], sizes: list[int], shapes: list, out: list) -> None:
+def _scatter(flat: torch.Tensor, group: _Group, out: list) -> None:
+    idx = group.idx
     if len(idx) == 1:
-        out[idx[0]] = flat.reshape(shapes[idx[0]])
+        out[idx[0]] = flat.reshape(group.shapes[0])
         return
-    for i, piece in zip(idx, torch.split(flat, sizes)):
-        out[i] = piece.reshape(shapes[i])
+    pieces = flat.split_with_sizes(group.sizes)
+    for i, piece, shape, is_flat in zip(idx, pieces, group.shapes, group.flat):
+        out[i] = piece if is_flat else piece.reshape(shape)
 
 
 # --------------------------------------------------------------------------- family builder

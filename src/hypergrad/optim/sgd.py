@@ -14,6 +14,7 @@ from hypergrad.optim._common import (
     build,
     check_form,
     check_range,
+    concrete,
     is_number,
     is_zero,
     register_states,
@@ -57,7 +58,12 @@ def _math(
         g = axpy(g, hp["weight_decay"], p)
     buf = bufs["momentum_buffer"]
     if buf is not None:
-        momentum = hp["momentum"]
+        momentum, dampening = hp["momentum"], hp["dampening"]
+        if is_number(momentum) and is_number(dampening) and concrete(step) and float(step) > 1:
+            # Eager, float hyperparameters, after step 1: torch's own two ops, no step switch.
+            buf = torch.add(buf * momentum, g, alpha=1 - dampening)
+            g = torch.add(g, buf, alpha=momentum) if options["nesterov"] else buf
+            return axpy(p, -hp["lr"], g), {"momentum_buffer": buf}
         # torch starts the buffer as a copy of the first gradient (no dampening on step 1): on
         # step 1 use factors (0, 1) on (buf, g), chosen as 0-d tensors so no vector op is added.
         first = step == 1
@@ -67,7 +73,7 @@ def _math(
                 later = torch.tensor(later, dtype=p.dtype, device=p.device)
             return torch.where(first, torch.full_like(later, on_first), later)
 
-        buf = torch.addcmul(buf * pick(0.0, momentum), g, pick(1.0, 1 - hp["dampening"]))
+        buf = torch.addcmul(buf * pick(0.0, momentum), g, pick(1.0, 1 - dampening))
         g = axpy(g, momentum, buf) if options["nesterov"] else buf
     lr = hp["lr"]
     return axpy(p, -lr, g), {"momentum_buffer": buf}
