@@ -191,6 +191,11 @@ class Padded(NamedTuple):
         data: the datasets' tree, each leaf shaped ``(C, N, ...)`` with ``N`` the largest size.
         mask: a bool tensor ``(C, N)``: ``True`` for real examples, ``False`` for padding.
         sizes: a ``(C,)`` int64 tensor of the real sizes (FedAvg weights).
+
+    Examples:
+        >>> padded = hg.clients.pad([torch.ones(2, 3), torch.ones(4, 3)])
+        >>> padded.data.shape, padded.sizes.tolist(), padded.mask.sum(1).tolist()
+        (torch.Size([2, 4, 3]), [2, 4], [2, 4])
     """
 
     data: PyTree

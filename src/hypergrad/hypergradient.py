@@ -41,6 +41,14 @@ class Hypergradient(NamedTuple):
         hyperparams: a dict ``{name: gradient}`` for the hyperparameters asked for (a float
             hyperparameter gets a 0-d gradient), or ``None``.
         params: the gradient with respect to the initial params (MAML), or ``None``.
+
+    Examples:
+        >>> inner = lambda p, a, x: ((p["w"] - a * x) ** 2).sum()
+        >>> outer = lambda p, a, x: (p["w"] ** 2).sum()
+        >>> g = hg.hypergrad(outer, inner, {"w": torch.ones(1)}, hg.optim.sgd(lr=0.1),
+        ...                  torch.ones(3, 1), None, aux=torch.tensor(0.5), wrt=("aux", "lr"))
+        >>> g.aux.shape, sorted(g.hyperparams), g.params is None
+        (torch.Size([]), ['lr'], True)
     """
 
     value: torch.Tensor

@@ -101,6 +101,12 @@ class Trajectory(NamedTuple):
         state: the optimizer state after the last step.
         buffers: the buffers after the last step (``None`` when none were carried).
         losses: a 1-d tensor, the inner loss at each step (evaluated before that step's update).
+
+    Examples:
+        >>> traj = hg.unroll(lambda p, a, x: ((p["w"] - x) ** 2).sum(), {"w": torch.zeros(1)},
+        ...                  hg.optim.sgd(lr=0.25), torch.ones(3, 1))
+        >>> traj.params["w"], traj.losses
+        (tensor([0.8750]), tensor([1.0000, 0.2500, 0.0625]))
     """
 
     params: PyTree

@@ -21,7 +21,13 @@ __all__ = ["DirectionCheck", "HypergradCheck", "check_hypergrad"]
 
 @dataclasses.dataclass(frozen=True)
 class DirectionCheck:
-    """One random direction: the analytic and the finite-difference directional derivative."""
+    """One random direction: the analytic and the finite-difference directional derivative.
+
+    Examples:
+        >>> d = hg.testing.DirectionCheck(analytic=1.0, numeric=1.000001)
+        >>> round(d.abs_err, 9), round(d.rel_err, 9)
+        (1e-06, 1e-06)
+    """
 
     analytic: float
     numeric: float
@@ -49,6 +55,14 @@ class HypergradCheck:
         rtol: the relative tolerance used.
         atol: the absolute tolerance used.
         hypergradient: the (float64) hypergradient that was checked.
+
+    Examples:
+        >>> inner = lambda p, a, x: ((p["w"] - a * x) ** 2).sum()
+        >>> outer = lambda p, a, x: (p["w"] ** 2).sum()
+        >>> report = hg.testing.check_hypergrad(outer, inner, {"w": torch.ones(2)},
+        ...     hg.optim.adam(lr=0.1), torch.ones(3, 2), None, aux=torch.tensor(0.5))
+        >>> report.method, len(report.directions) > 0, all(report.ok(d) for d in report.directions)
+        ("'reverse'", True, True)
     """
 
     method: str

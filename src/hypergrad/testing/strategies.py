@@ -54,6 +54,18 @@ class BilevelProblem(NamedTuple):
     ``inner_loss(params, aux, (x, y))`` is the ``aux["weights"]``-weighted squared error plus
     ``aux["l2"]`` times the squared norm of the params; ``outer_loss(params, aux, (x, y))`` is
     the plain squared error on a validation batch.
+
+    Examples:
+        >>> from hypothesis import given, settings
+        >>> from hypergrad.testing import strategies as hst
+        >>> @settings(max_examples=3, deadline=None, database=None)
+        ... @given(hst.bilevel_problems(families=("sgd",)))
+        ... def test_reverse_is_finite(problem):
+        ...     assert isinstance(problem, hst.BilevelProblem)
+        ...     g = hg.hypergrad(problem.outer_loss, problem.inner_loss, problem.params,
+        ...                      problem.opt, problem.batches, problem.outer_batch, aux=problem.aux)
+        ...     assert torch.isfinite(g.value)
+        >>> test_reverse_is_finite()
     """
 
     outer_loss: Callable[..., torch.Tensor]
@@ -87,6 +99,15 @@ def mlps(
     """A float64 MLP ``in -> [hidden, tanh]* -> out`` with 0 to ``max_layers`` hidden layers.
 
     Smooth activations only (tanh), so finite differences are meaningful.
+
+    Examples:
+        >>> from hypothesis import given, settings
+        >>> from hypergrad.testing import strategies as hst
+        >>> @settings(max_examples=3, deadline=None, database=None)
+        ... @given(hst.mlps(in_features=4, out_features=2))
+        ... def test_output_shape(model):
+        ...     assert model(torch.zeros(7, 4, dtype=torch.float64)).shape == (7, 2)
+        >>> test_output_shape()
     """
     widths = draw(st.lists(st.integers(1, max_hidden), min_size=0, max_size=max_layers))
     seed = draw(st.integers(0, 2**31 - 1))
@@ -120,6 +141,15 @@ def optimizers(draw: st.DrawFn, families: Sequence[str] = FAMILIES) -> Optimizer
 
     Epsilons are drawn from ``[1e-3, 0.1]`` (not 1e-8) so that a finite-difference step on them
     stays meaningful; options (nesterov, amsgrad, centered) are drawn too.
+
+    Examples:
+        >>> from hypothesis import given, settings
+        >>> from hypergrad.testing import strategies as hst
+        >>> @settings(max_examples=5, deadline=None, database=None)
+        ... @given(hst.optimizers(families=("adam", "sgd")))
+        ... def test_family(opt):
+        ...     assert opt.name in ("adam", "sgd")
+        >>> test_family()
     """
     family = draw(st.sampled_from(list(families)))
     hp = {
@@ -137,7 +167,17 @@ def optimizers(draw: st.DrawFn, families: Sequence[str] = FAMILIES) -> Optimizer
 
 
 def unroll_steps(min_value: int = 1, max_value: int = 5) -> st.SearchStrategy[int]:
-    """The number of inner steps K."""
+    """The number of inner steps K.
+
+    Examples:
+        >>> from hypothesis import given, settings
+        >>> from hypergrad.testing import strategies as hst
+        >>> @settings(max_examples=5, deadline=None, database=None)
+        ... @given(hst.unroll_steps(2, 4))
+        ... def test_range(k):
+        ...     assert 2 <= k <= 4
+        >>> test_range()
+    """
     return st.integers(min_value, max_value)
 
 
@@ -145,7 +185,17 @@ def unroll_steps(min_value: int = 1, max_value: int = 5) -> st.SearchStrategy[in
 def data(
     draw: st.DrawFn, steps: int, batch_size: int = 4, in_features: int = 3, out_features: int = 1
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stacked float64 regression batches ``(x, y)`` shaped ``(steps, batch_size, ...)``."""
+    """Stacked float64 regression batches ``(x, y)`` shaped ``(steps, batch_size, ...)``.
+
+    Examples:
+        >>> from hypothesis import given, settings
+        >>> from hypergrad.testing import strategies as hst
+        >>> @settings(max_examples=3, deadline=None, database=None)
+        ... @given(hst.data(steps=5, batch_size=2))
+        ... def test_shapes(xy):
+        ...     assert xy[0].shape == (5, 2, 3) and xy[1].shape == (5, 2, 1)
+        >>> test_shapes()
+    """
     g = _seeded(draw(st.integers(0, 2**31 - 1)))
     x = torch.randn(steps, batch_size, in_features, generator=g, dtype=torch.float64)
     y = torch.randn(steps, batch_size, out_features, generator=g, dtype=torch.float64)
@@ -159,7 +209,20 @@ def bilevel_problems(
     max_steps: int = 4,
     batch_size: int = 4,
 ) -> BilevelProblem:
-    """A complete :class:`BilevelProblem` (model, optimizer, K, data, aux) for property tests."""
+    """A complete :class:`BilevelProblem` (model, optimizer, K, data, aux) for property tests.
+
+    Examples:
+        >>> from hypothesis import given, settings
+        >>> from hypergrad.testing import strategies as hst
+        >>> @settings(max_examples=3, deadline=None, database=None)
+        ... @given(hst.bilevel_problems(max_steps=2))
+        ... def test_forward_matches_reverse(pb):
+        ...     args = (pb.outer_loss, pb.inner_loss, pb.params, pb.opt, pb.batches, pb.outer_batch)
+        ...     rev = hg.hypergrad(*args, aux=pb.aux, method="reverse", seed=0)
+        ...     fwd = hg.hypergrad(*args, aux=pb.aux, method="forward", seed=0)
+        ...     torch.testing.assert_close(fwd.aux, rev.aux, rtol=1e-8, atol=1e-10)
+        >>> test_forward_matches_reverse()
+    """
     model = draw(mlps())
     opt = draw(optimizers(families))
     steps = draw(unroll_steps(1, max_steps))
