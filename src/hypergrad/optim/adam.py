@@ -12,6 +12,7 @@ from hypergrad.optim._common import (
     build,
     check_form,
     check_range,
+    concrete,
     is_number,
     is_zero,
     register_states,
@@ -76,7 +77,11 @@ def _adam_math(
         exp_avg_sq = torch.lerp(v, g * g, 1 - beta2)  # type: ignore[arg-type]
     # Scalar maths in float64, as torch.optim does it in Python floats.
     t = step.to(torch.float64)
-    bias_correction1 = 1 - beta1**t
+    eager_step = is_number(lr) and is_number(beta1) and concrete(step)
+    if eager_step:  # torch's own Python floats: one addcdiv kernel for the update below
+        bias_correction1: Any = 1 - beta1 ** float(step)
+    else:
+        bias_correction1 = 1 - beta1**t
     bias_correction2 = 1 - beta2**t
     step_size = lr / bias_correction1
     max_sq = None
@@ -86,8 +91,11 @@ def _adam_math(
     else:
         second = exp_avg_sq
     denom = safe_sqrt(second) / torch.sqrt(bias_correction2) + eps
-    # (value * exp_avg) / denom, the evaluation order of torch's addcdiv kernel.
-    new_p = p + exp_avg * (-step_size) / denom
+    if eager_step:
+        new_p = torch.addcdiv(p, exp_avg, denom, value=-step_size)
+    else:
+        # (value * exp_avg) / denom, the evaluation order of torch's addcdiv kernel.
+        new_p = p + exp_avg * (-step_size) / denom
     return new_p, {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq, "max_exp_avg_sq": max_sq}
 
 
