@@ -184,14 +184,16 @@ def safe_sqrt(x: torch.Tensor, *, nonnegative: bool = True) -> torch.Tensor:
 
     ``sqrt`` has an infinite derivative at 0; when the input came from a square of a zero
     gradient element the chain rule gives ``inf * 0 = nan``. The double-``where`` trick avoids
-    it: the inner ``where`` feeds ``sqrt`` a harmless 1 where ``x <= 0``, the outer ``where``
-    puts the exact forward value back (0 at 0; ``sqrt`` of the detached input, i.e. nan, for
-    negative values when ``nonnegative=False``), so the backward through those elements is 0.
+    it: the inner step feeds ``sqrt`` a harmless 1 where ``x <= 0`` (``threshold(x, 0, 1)``, the
+    same values as ``where(x > 0, x, 1)`` in one kernel), the outer step puts the exact forward
+    value back (0 at 0, as a multiply by the mask ``x > 0``; ``sqrt`` of the detached input,
+    i.e. nan, for negative values when ``nonnegative=False``), so the backward through those
+    elements is 0.
     """
     positive = x > 0
-    root = torch.sqrt(torch.where(positive, x, 1.0))
+    root = torch.sqrt(torch.nn.functional.threshold(x, 0.0, 1.0))
     if nonnegative:
-        return torch.where(positive, root, 0.0)
+        return root * positive
     return torch.where(positive, root, torch.sqrt(x.detach()))
 
 
