@@ -43,6 +43,18 @@ def concrete(t: torch.Tensor) -> bool:
     return t.device.type != "meta"
 
 
+def host_value(t: torch.Tensor) -> float | None:
+    """The value of a 0-d CPU tensor outside any transform, else ``None``.
+
+    Eager fast paths read the step counter as a Python number, as torch.optim does. They must not
+    do so for a tensor on an accelerator (that would sync the device every step), under
+    vmap/grad/compile (no concrete value), or with autograd history (detached first).
+    """
+    if t.device.type != "cpu" or not concrete(t):
+        return None
+    return float(t.detach())
+
+
 def scalar_step_dtype() -> torch.dtype:
     """The dtype torch.optim uses for its ``step`` counters (float64 iff that is the default)."""
     return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32

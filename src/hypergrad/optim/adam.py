@@ -12,7 +12,7 @@ from hypergrad.optim._common import (
     build,
     check_form,
     check_range,
-    concrete,
+    host_value,
     is_number,
     is_zero,
     register_states,
@@ -77,9 +77,10 @@ def _adam_math(
         exp_avg_sq = torch.lerp(v, g * g, 1 - beta2)  # type: ignore[arg-type]
     # Scalar maths in float64, as torch.optim does it in Python floats.
     t = step.to(torch.float64)
-    eager_step = is_number(lr) and is_number(beta1) and concrete(step)
+    step_value = host_value(step)
+    eager_step = is_number(lr) and is_number(beta1) and step_value is not None
     if eager_step:  # torch's own Python floats: one addcdiv kernel for the update below
-        bias_correction1: Any = 1 - beta1 ** float(step)
+        bias_correction1: Any = 1 - beta1**step_value
     else:
         bias_correction1 = 1 - beta1**t
     bias_correction2 = 1 - beta2**t

@@ -14,7 +14,7 @@ from hypergrad.optim._common import (
     build,
     check_form,
     check_range,
-    concrete,
+    host_value,
     is_number,
     is_zero,
     register_states,
@@ -59,7 +59,13 @@ def _math(
     buf = bufs["momentum_buffer"]
     if buf is not None:
         momentum, dampening = hp["momentum"], hp["dampening"]
-        if is_number(momentum) and is_number(dampening) and concrete(step) and float(step) > 1:
+        step_value = host_value(step)
+        if (
+            is_number(momentum)
+            and is_number(dampening)
+            and step_value is not None
+            and step_value > 1
+        ):
             # Eager, float hyperparameters, after step 1: torch's own two ops, no step switch.
             buf = torch.add(buf * momentum, g, alpha=1 - dampening)
             g = torch.add(g, buf, alpha=momentum) if options["nesterov"] else buf
