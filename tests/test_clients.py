@@ -181,6 +181,51 @@ def test_vmap_equals_a_python_loop_over_clients(method_name, opt_name, bn, chunk
         assert hg.tree.norm(g.aux) > 0
 
 
+SHARED_OPTS = {
+    "sgd_nesterov": lambda: hg.optim.sgd(lr=0.1, momentum=0.5, nesterov=True, weight_decay=0.01),
+    "adam_amsgrad": lambda: hg.optim.adam(lr=0.05, amsgrad=True),
+    "adamw": lambda: hg.optim.adamw(lr=0.05, weight_decay=0.1),
+    "rmsprop": lambda: hg.optim.rmsprop(lr=0.01, centered=True, momentum=0.3),
+    "adagrad": lambda: hg.optim.adagrad(lr=0.1, lr_decay=0.01),
+}
+
+
+@pytest.mark.parametrize("opt_name", list(SHARED_OPTS))
+def test_shared_hyperparameters_match_the_loop_for_every_optimizer(opt_name):
+    # Shared scalar hyperparameters take the stacked (un-vmapped) optimizer update.
+    prob = make(torch.float64, bn=False)
+    opt = SHARED_OPTS[opt_name]()
+    g = hg.clients.hypergrad(
+        prob["outer"], prob["inner"], prob["params"], opt, prob["batches"],
+        prob["outer_batch"], aux=prob["aux"], wrt=("aux", "lr"), steps=K, rounds=R, seed=0,
+    )  # fmt: skip
+    lr = torch.tensor(opt.hyperparams["lr"], dtype=torch.float64)
+    value, ref = loop_reference(prob, opt, {**opt.hyperparams, "lr": lr}, (), ("lr",))
+    tol = {"rtol": 1e-10, "atol": 1e-12}
+    torch.testing.assert_close(g.value, value, **tol)
+    torch.testing.assert_close(g.aux, ref["aux"], **tol)
+    torch.testing.assert_close(g.hyperparams["lr"], ref["hyperparams"]["lr"], **tol)
+    assert hg.tree.norm(g.aux) > 0
+
+
+def test_clients_at_different_step_counts_keep_their_own_adam_bias_correction():
+    prob = make(torch.float64, bn=False)
+    opt = hg.optim.adam(lr=0.05)
+    x, y = prob["batches"]
+    ps = hg.unstack(prob["params"])
+    states = [opt.init(p) for p in ps]
+    states = [s._replace(step=torch.full_like(s.step, 3.0 * c)) for c, s in enumerate(states)]
+    stacked = hg.tree.map(lambda *xs: torch.stack(xs), *states)
+    got = hg.clients.unroll(
+        prob["inner"], prob["params"], opt, (x[:K], y[:K]), aux=prob["aux"], state=stacked
+    )
+    assert got.state.step.tolist() == [K + 3.0 * c for c in range(C)]
+    for c in range(C):
+        one = hg.unroll(prob["inner"], ps[c], opt, (x[:K, c], y[:K, c]), aux=prob["aux"],
+                        state=states[c])  # fmt: skip
+        torch.testing.assert_close(hg.unstack(got.params)[c], one.params, rtol=1e-12, atol=1e-14)
+
+
 def test_unroll_equals_per_client_unrolls_and_chunks_agree():
     prob = make(torch.float64, bn=True)
     opt = hg.optim.adam(lr=0.05)
