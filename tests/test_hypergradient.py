@@ -210,3 +210,52 @@ def test_nan_outer_loss_and_nan_hypergradient_are_named():
 
 def test_map_hyper():
     assert map_hyper(lambda v: v + 1, (1.0, {"a": 2.0})) == (2.0, {"a": 3.0})
+
+
+@pytest.mark.parametrize(
+    ("call", "caller"),
+    [
+        (
+            lambda p: hg.unroll(
+                lambda q, a, b: (q["w"] ** 2).sum(), p, hg.optim.sgd(lr=0.1), torch.zeros(2, 1)
+            ),
+            "hg.unroll",
+        ),
+        (
+            lambda p: hg.hypergrad(
+                lambda q, a, b: (q["w"] ** 2).sum(),
+                lambda q, a, b: (q["w"] ** 2).sum(),
+                p,
+                hg.optim.sgd(lr=0.1),
+                torch.zeros(2, 1),
+                None,
+            ),
+            "hg.hypergrad",
+        ),
+        (
+            lambda p: hg.clients.hypergrad(
+                lambda q, a, b: (q["w"] ** 2).sum(),
+                lambda q, a, b: (q["w"] ** 2).sum(),
+                p,
+                hg.optim.sgd(lr=0.1),
+                torch.zeros(2, 3, 1),
+                None,
+                aux=torch.tensor(0.0),
+            ),
+            "hg.clients.hypergrad",
+        ),
+    ],
+    ids=["unroll", "hypergrad", "clients"],
+)
+def test_a_module_or_integer_params_are_named_by_the_call_that_failed(call, caller):
+    with pytest.raises(
+        TypeError,
+        match=rf"^{caller}: params must be a tree of tensors .* got a Linear at <root>\. Pass params, _ = hg\.split\(model\)",
+    ):
+        call(torch.nn.Linear(2, 1))
+    with pytest.raises(
+        TypeError, match=rf"^{caller}: params leaf \['w'\] is torch\.int64; only floating-point"
+    ):
+        call({"w": torch.zeros(3, 1, dtype=torch.long)})
+    with pytest.raises(ValueError, match=rf"^{caller}: params has no tensors"):
+        call({})

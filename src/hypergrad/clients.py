@@ -106,6 +106,7 @@ from hypergrad.unroll import (
     Problem,
     Trajectory,
     all_finite,
+    check_params,
     draw_seed,
     in_functorch_transform,
     locate_nonfinite,
@@ -706,6 +707,7 @@ def _setup(
         def aggregate(tree: PyTree) -> PyTree:
             return fedavg(tree, weights)
 
+    check_params(params, caller=caller)
     source = Batches(batches, None if steps is None else steps * rounds, caller=caller)
     if steps is None:
         if source.steps % rounds:

@@ -20,6 +20,7 @@ from hypergrad.unroll import (
     Problem,
     all_finite,
     build_step,
+    check_params,
     draw_seed,
     locate_nonfinite,
     outer_fn,
@@ -247,6 +248,7 @@ def hypergrad(
             f"{caller}: opt must be a hypergrad optimizer such as hg.optim.sgd(lr=0.1), got "
             f"{type(opt).__name__}. Convert a torch optimizer with hg.optim.from_torch."
         )
+    check_params(params, caller=caller)
     source = Batches(batches, steps, caller=caller)
     hp: dict[str, Any] = dict(opt.hyperparams)
     hp.update(hyperparams or {})

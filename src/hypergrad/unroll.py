@@ -81,6 +81,7 @@ __all__ = [
     "StepFn",
     "Trajectory",
     "build_step",
+    "check_params",
     "draw_seed",
     "locate_nonfinite",
     "make_step",
@@ -547,6 +548,36 @@ def run_steps(
     return Carry(params, state, buffers), losses
 
 
+def check_params(params: PyTree, *, caller: str) -> None:
+    """Raise a teaching error unless ``params`` is a non-empty tree of floating-point tensors.
+
+    Examples:
+        >>> check_params(torch.nn.Linear(2, 1), caller="hg.unroll")
+        Traceback (most recent call last):
+        ...
+        TypeError: hg.unroll: params must be a tree of tensors (e.g. the dict from hg.split(model)), got a Linear at <root>. Pass params, _ = hg.split(model), and call the module with hg.call(model, params, x) inside the losses.
+    """
+    paths, leaves, _ = optree.tree_flatten_with_path(params, namespace=_tree._NAMESPACE)
+    if not leaves:
+        raise ValueError(
+            f"{caller}: params has no tensors (got {params!r}). Pass the parameters to train, "
+            "e.g. params, _ = hg.split(model)."
+        )
+    for path, leaf in zip(paths, leaves):
+        if not isinstance(leaf, torch.Tensor):
+            raise TypeError(
+                f"{caller}: params must be a tree of tensors (e.g. the dict from hg.split(model)), "
+                f"got a {type(leaf).__name__} at {_tree.keystr(path)}. Pass params, _ = "
+                "hg.split(model), and call the module with hg.call(model, params, x) inside the "
+                "losses."
+            )
+        if not leaf.is_floating_point():
+            raise TypeError(
+                f"{caller}: params leaf {_tree.keystr(path)} is {leaf.dtype}; only floating-point "
+                "tensors can be trained. Move integer tensors into buffers or the batch."
+            )
+
+
 def _first_nonfinite(tree: PyTree) -> str | None:
     paths, leaves, _ = optree.tree_flatten_with_path(tree, namespace=_tree._NAMESPACE)
     for p, x in zip(paths, leaves):
@@ -725,6 +756,7 @@ def unroll(
         (tensor([0.8750]), tensor([1.0000, 0.2500, 0.0625]))
     """
     caller = "hg.unroll"
+    check_params(params, caller=caller)
     source = Batches(batches, steps, caller=caller)
     hp = dict(opt.hyperparams)  # every value: a cached compiled step may close over another opt
     hp.update(hyperparams or {})
