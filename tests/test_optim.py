@@ -202,10 +202,20 @@ def unrolled_loss(opt, hp, params, noise):
     return sum((v**2).sum() + v.sum() for v in params.values())
 
 
-def fd_directional(fn, x, v, h=1e-6):
+def _central(fn, x, v, h):
     plus = torch.utils._pytree.tree_map(lambda a, b: a + h * b, x, v)
     minus = torch.utils._pytree.tree_map(lambda a, b: a - h * b, x, v)
     return (fn(plus) - fn(minus)) / (2 * h)
+
+
+def fd_directional(fn, x, v, h=1e-5):
+    """Central differences with one Richardson step: truncation error O(h^4), not O(h^2).
+
+    A plain central difference at h = 1e-6 is off by ~4e-6 relative when the loss is stiff in a
+    hyperparameter (RMSprop with eps = 1e-3 and a per-parameter eps direction; found by the
+    thorough profile), which is more than the 1e-6 the test asks for.
+    """
+    return (4 * _central(fn, x, v, h / 2) - _central(fn, x, v, h)) / 3
 
 
 def tree_dot(a, b):
