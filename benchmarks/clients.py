@@ -5,6 +5,8 @@ batch of 32 with a regulariser from an auxiliary linear model; the server is the
 we take the gradient of the server's validation loss with respect to the auxiliary model.
 
 * ``vmap``: ``hg.clients.hypergrad`` (one vectorised unroll, reverse mode);
+* ``vmap+compile`` (with ``--compile``): the same with ``compile=True``; the first call
+  (compilation) is timed apart and any eager fallback is recorded in the JSON;
 * ``loop``: a Python loop over clients with hand-written autograd
   (``torch.autograd.grad(create_graph=True)`` and ``p - lr * g``), the baseline;
 * ``higher`` / ``torchopt``: the same loop with ``higher.innerloop_ctx`` / ``torchopt.MetaSGD``
@@ -32,6 +34,7 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 
 import torch
 from torch import nn
@@ -76,6 +79,42 @@ def run_vmap(w: dict, chunk_size: int | None = None, method="reverse") -> torch.
         in_dims={"params": None}, chunk_size=chunk_size, method=method, seed=0,
     )  # fmt: skip
     return g.aux["weight"]
+
+
+_COMPILED: dict[int, tuple] = {}
+
+
+def run_vmap_compiled(w: dict) -> torch.Tensor:
+    """``hg.clients.hypergrad(compile=True)``; the losses are built once per workload.
+
+    The compiled step is cached per ``inner_loss`` object, so new closures on every call would
+    recompile every call; a user defines their losses once, and so does this runner. A fallback
+    to eager (``hg.CompileFallbackWarning``) is recorded in ``FALLBACKS``, never hidden.
+    """
+    if id(w) not in _COMPILED:
+        model, aux_model = w["model"], w["aux_model"]
+
+        def inner(p, a, batch):
+            xb, yb = batch
+            return inner_value(hg.call(model, p, xb), hg.call(aux_model, a, xb), yb)
+
+        def outer(p, a, batch):
+            return ((hg.call(model, p, batch[0]) - batch[1]) ** 2).mean()
+
+        _COMPILED[id(w)] = (inner, outer, hg.optim.sgd(lr=LR), hg.split(model)[0])
+    inner, outer, opt, params = _COMPILED[id(w)]
+    aux, _ = hg.split(w["aux_model"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", hg.CompileFallbackWarning)
+        g = hg.clients.hypergrad(
+            outer, inner, params, opt, (w["x"], w["y"]), w["val"], aux=aux,
+            in_dims={"params": None}, seed=0, compile=True,
+        )  # fmt: skip
+    FALLBACKS.extend(str(c.message) for c in caught)
+    return g.aux["weight"]
+
+
+FALLBACKS: list[str] = []
 
 
 def _server_grad(w: dict, finals: list[list[torch.Tensor]], aux: list[torch.Tensor]):
@@ -215,25 +254,42 @@ def main(
     memory: bool = True,
     peers_up_to=32,
     timing: bool = True,
+    compiled: bool = False,
 ) -> dict:
     torch.set_num_threads(threads)
     rows = []
     runners = {"vmap": run_vmap, **peers()}
+    if compiled:
+        runners["vmap+compile"] = run_vmap_compiled
     for clients in sizes if timing else ():
         w = workload(clients)
         reference = run_loop(w)
         torch.testing.assert_close(run_vmap(w), reference, rtol=1e-4, atol=1e-6)
+        compile_s = None
+        if compiled:  # the first call compiles: timed here, not in the medians below
+            start = time.perf_counter()
+            torch.testing.assert_close(run_vmap_compiled(w), reference, rtol=1e-4, atol=1e-6)
+            compile_s = time.perf_counter() - start
         times = {
             name: median_time(lambda fn=fn, w=w: fn(w), repeats)
             for name, fn in runners.items()
-            if name in ("vmap", "loop") or clients <= peers_up_to
+            if name in ("vmap", "loop", "vmap+compile") or clients <= peers_up_to
         }
         row = {"clients": clients, "seconds": times}
-        row["speedup_vs"] = {n: times[n] / times["vmap"] for n in times if n != "vmap"}
+        if compile_s is not None:
+            row["compile_and_first_call_s"] = compile_s
+            row["compile_fallbacks"] = sorted(set(FALLBACKS))
+        others = [n for n in times if n not in ("vmap", "vmap+compile")]
+        row["speedup_vs"] = {n: times[n] / times["vmap"] for n in others}
+        if "vmap+compile" in times:
+            row["compiled_speedup_vs"] = {n: times[n] / times["vmap+compile"] for n in others}
         rows.append(row)
         speed = "  ".join(f"{n} {s:5.1f}x" for n, s in row["speedup_vs"].items())
         print(f"C={clients:4d}  " + "  ".join(f"{n} {t:7.3f}s" for n, t in times.items()))
         print(f"        vmap speed-up: {speed}")
+        if "compiled_speedup_vs" in row:
+            cs = "  ".join(f"{n} {x:5.1f}x" for n, x in row["compiled_speedup_vs"].items())
+            print(f"        vmap+compile speed-up: {cs}  (compile + first call {compile_s:.1f} s)")
 
     mem = []
     if memory:
@@ -298,6 +354,9 @@ if __name__ == "__main__":
     parser.add_argument("--peers-up-to", type=int, default=32)
     parser.add_argument("--memory-only", action="store_true", help="rerun the memory probes only")
     parser.add_argument("--probe", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--compile", action="store_true", help="add a vmap + compile=True row (compile timed apart)"
+    )
     args = parser.parse_args()
     if args.probe:
         torch.set_num_threads(args.threads)
@@ -308,4 +367,9 @@ if __name__ == "__main__":
     elif args.quick:
         main(sizes=(4, 8), repeats=1, threads=args.threads, memory=False, peers_up_to=4)
     else:
-        main(repeats=args.repeats, threads=args.threads, peers_up_to=args.peers_up_to)
+        main(
+            repeats=args.repeats,
+            threads=args.threads,
+            peers_up_to=args.peers_up_to,
+            compiled=args.compile,
+        )
