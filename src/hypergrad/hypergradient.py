@@ -22,6 +22,7 @@ from hypergrad.unroll import (
     build_step,
     check_params,
     draw_seed,
+    first_nonfinite,
     locate_nonfinite,
     outer_fn,
     progress_bar,
@@ -253,16 +254,11 @@ def hypergrad(
     hp: dict[str, Any] = dict(opt.hyperparams)
     hp.update(hyperparams or {})
     targets, names = _parse_wrt(wrt, aux, hp, opt, caller)
-    param_leaves = [x for x in _tree.leaves(params) if isinstance(x, torch.Tensor)]
-    dtype = next((x.dtype for x in param_leaves if x.is_floating_point()), None)
-    dtype = dtype or torch.get_default_dtype()
-    device = param_leaves[0].device if param_leaves else torch.device("cpu")
+    first = _tree.leaves(params)[0]  # check_params: a non-empty tree of floating-point tensors
     for name in names:
-        hp[name] = _to_tensor(hp[name], dtype, device)
+        hp[name] = _to_tensor(hp[name], first.dtype, first.device)
     if "aux" in targets:
         _check_float(aux, "aux", caller)
-    if "params" in targets:
-        _check_float(params, "params", caller)
     if how.functional and inner_grad == "autograd":
         raise ValueError(
             f"{caller}: method {how!r} runs torch.func.jvp through the steps, which needs "
@@ -334,8 +330,7 @@ def _raise_nonfinite(problem: Problem, value: torch.Tensor, grads: PyTree, calle
             f"{caller}: every inner step is finite but the outer loss is {value.item()}. "
             "Check outer_loss and outer_batch."
         )
-    paths, leaves, _ = optree.tree_flatten_with_path(grads, namespace=_tree._NAMESPACE)
-    bad = next(_tree.keystr(p) for p, g in zip(paths, leaves) if not bool(g.isfinite().all()))
+    bad = first_nonfinite(grads)
     raise FloatingPointError(
         f"{caller}: every inner step and the outer loss are finite, but the hypergradient is "
         f"nan/inf at {bad} (an overflow in the backward pass). Lower the learning rate or K, "

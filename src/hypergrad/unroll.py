@@ -83,9 +83,11 @@ __all__ = [
     "build_step",
     "check_params",
     "draw_seed",
+    "first_nonfinite",
     "locate_nonfinite",
     "make_step",
     "manual_seed",
+    "requires_grad",
     "run_steps",
     "seeded",
     "unroll",
@@ -171,11 +173,9 @@ def _call_inner(
     return loss, new_buffers
 
 
-def _requires_grad(tree: PyTree) -> bool:
-    return any(
-        isinstance(x, torch.Tensor) and x.requires_grad
-        for x in optree.tree_leaves(tree, namespace=_tree._NAMESPACE)
-    )
+def requires_grad(tree: PyTree) -> bool:
+    """Whether any tensor leaf of ``tree`` requires grad."""
+    return any(isinstance(x, torch.Tensor) and x.requires_grad for x in _tree.leaves(tree))
 
 
 def make_step(
@@ -240,7 +240,7 @@ def make_step(
         create = (
             torch.is_grad_enabled()
             and not first_order
-            and (_requires_grad(flat) or _requires_grad(aux))
+            and (requires_grad(flat) or requires_grad(aux))
         )
         with torch.enable_grad():
             leaves = [
@@ -312,7 +312,7 @@ def _is_stacked(batches: Any) -> bool:
     if isinstance(batches, torch.Tensor):
         return True
     if isinstance(batches, (tuple, Mapping)):
-        leaves = optree.tree_leaves(batches, namespace=_tree._NAMESPACE)
+        leaves = _tree.leaves(batches)
         return bool(leaves) and all(isinstance(x, torch.Tensor) for x in leaves)
     return False
 
@@ -343,7 +343,7 @@ class Batches:
         if steps is not None and (not isinstance(steps, int) or steps < 1):
             raise ValueError(f"{caller}: steps must be a positive int, got {steps!r}.")
         if _is_stacked(batches):
-            sizes = {x.shape[0] if x.dim() else None for x in optree.tree_leaves(batches)}
+            sizes = {x.shape[0] if x.dim() else None for x in _tree.leaves(batches)}
             if len(sizes) != 1 or None in sizes:
                 raise ValueError(
                     f"{caller}: stacked batches must all have the same leading (step) dimension; "
@@ -387,7 +387,7 @@ class Batches:
     def at(self, k: int) -> Any:
         """The batch of step ``k`` (the same object every time it is asked for)."""
         if self._stacked is not None:
-            return optree.tree_map(lambda x: x[k], self._stacked, namespace=_tree._NAMESPACE)
+            return _tree.map(lambda x: x[k], self._stacked)
         if self._fn is not None:
             return self._fn(k)
         while len(self._seen) <= k:
@@ -578,7 +578,8 @@ def check_params(params: PyTree, *, caller: str) -> None:
             )
 
 
-def _first_nonfinite(tree: PyTree) -> str | None:
+def first_nonfinite(tree: PyTree) -> str | None:
+    """The key path of the first floating-point leaf holding nan/inf, or ``None``."""
     paths, leaves, _ = optree.tree_flatten_with_path(tree, namespace=_tree._NAMESPACE)
     for p, x in zip(paths, leaves):
         if isinstance(x, torch.Tensor) and x.is_floating_point() and not bool(x.isfinite().all()):
@@ -595,7 +596,7 @@ def locate_nonfinite(problem: Problem, *, caller: str) -> None:
     """
     carry, aux, hp = problem.bind(problem.inputs())
     carry = Carry(*_tree.detach(tuple(carry)))
-    bad = _first_nonfinite(carry.params)
+    bad = first_nonfinite(carry.params)
     if bad is not None:
         raise FloatingPointError(
             f"{caller}: the initial params are not finite at {bad}. Check the initialisation."
@@ -610,7 +611,7 @@ def locate_nonfinite(problem: Problem, *, caller: str) -> None:
                     "the loss."
                 )
             for name, tree in (("params", new.params), ("optimizer state", new.state)):
-                bad = _first_nonfinite(tree)
+                bad = first_nonfinite(tree)
                 if bad is not None:
                     raise FloatingPointError(
                         f"{caller}: at step {k} the update made {name} {bad} nan/inf (its "
@@ -632,7 +633,7 @@ def rng_devices(tree: PyTree) -> tuple[int, ...]:
         sorted(
             {
                 x.device.index or 0
-                for x in optree.tree_leaves(tree, namespace=_tree._NAMESPACE)
+                for x in _tree.leaves(tree)
                 if isinstance(x, torch.Tensor) and x.device.type == "cuda"
             }
         )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import optree
 import torch
 
 from hypergrad import tree as _tree
@@ -14,7 +13,7 @@ from hypergrad.methods._base import (
     grad_or_none,
     leaf_inputs,
 )
-from hypergrad.unroll import Carry, Problem, run_steps
+from hypergrad.unroll import Carry, Problem, requires_grad, run_steps
 
 __all__ = ["Checkpointed"]
 
@@ -38,16 +37,9 @@ def _open(carry: Carry, with_buffers: bool) -> tuple[Carry, list[torch.Tensor], 
 
 
 def _select(carry: Carry, positions: _Positions) -> list[torch.Tensor]:
-    flat_ps = optree.tree_leaves((carry.params, carry.state), namespace=_tree._NAMESPACE)
-    flat_b = optree.tree_leaves(carry.buffers, namespace=_tree._NAMESPACE)
+    flat_ps = _tree.leaves((carry.params, carry.state))
+    flat_b = _tree.leaves(carry.buffers)
     return [flat_ps[p] for p in positions[0]] + [flat_b[p] for p in positions[1]]
-
-
-def _requires_grad(carry: Carry) -> bool:
-    return any(
-        isinstance(x, torch.Tensor) and x.requires_grad
-        for x in optree.tree_leaves(carry.buffers, namespace=_tree._NAMESPACE)
-    )
 
 
 class Checkpointed(Method):
@@ -124,7 +116,12 @@ class Checkpointed(Method):
                 c_in, c_leaves, positions_in = _open(stored[i], diff_buffers)
             with torch.enable_grad():
                 c_out, _ = run_steps(problem, c_in, aux, hp, s, e)
-                if cotangent is None and i > 0 and not diff_buffers and _requires_grad(c_out):
+                if (
+                    cotangent is None
+                    and i > 0
+                    and not diff_buffers
+                    and requires_grad(c_out.buffers)
+                ):
                     diff_buffers = True
                     continue  # redo the last segment with differentiable buffers
                 if cotangent is None:

@@ -6,7 +6,6 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import optree
 import torch
 
 from hypergrad import tree as _tree
@@ -14,7 +13,7 @@ from hypergrad.hypergradient import Hypergradient, hypergrad, map_hyper
 from hypergrad.methods import Method
 from hypergrad.optim._base import Optimizer
 from hypergrad.tree import PyTree
-from hypergrad.unroll import Batches, seeded, unroll
+from hypergrad.unroll import Batches, outer_fn, seeded, unroll
 
 __all__ = ["DirectionCheck", "HypergradCheck", "check_hypergrad"]
 
@@ -100,18 +99,12 @@ class HypergradCheck:
         return "\n".join(lines)
 
 
-def _double(tree: Any) -> Any:
-    return optree.tree_map(
-        lambda x: (
-            x.detach().double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x
-        ),
-        tree,
-        namespace=_tree._NAMESPACE,
-    )
-
-
 def _double_leaf(x: Any) -> Any:
     return x.detach().double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+
+
+def _double(tree: Any) -> Any:
+    return _tree.map(_double_leaf, tree)
 
 
 def _double_batches(batches: Any, steps: int | None) -> tuple[Any, int]:
@@ -194,6 +187,7 @@ def check_hypergrad(
         raise ValueError(f"{caller}: directions must be >= 1, got {directions}.")
     params, aux, buffers = _double(params), _double(aux), _double(buffers)
     outer_batch = _double(outer_batch)
+    outer = outer_fn(outer_loss, outer_batch, buffers is not None, "hg.testing.check_hypergrad")
     batch_fn, steps = _double_batches(batches, steps)
     hp = {k: map_hyper(_double_leaf, v) for k, v in opt.hyperparams.items()}
     opt = dataclasses.replace(opt, hyperparams=hp)
@@ -219,13 +213,8 @@ def check_hypergrad(
             seed=seed,
             check_finite=False,
         )
-        a = x.get("aux", aux)
         with seeded(seed + steps):  # as Problem.value
-            if buffers is None:
-                value = outer_loss(traj.params, a, outer_batch)
-            else:
-                value = outer_loss(traj.params, a, outer_batch, traj.buffers)
-        return float(value)
+            return float(outer(traj.params, traj.buffers, x.get("aux", aux)))
 
     origin: dict[str, PyTree] = {}
     if "aux" in asked:
