@@ -259,3 +259,26 @@ def test_a_module_or_integer_params_are_named_by_the_call_that_failed(call, call
         call({"w": torch.zeros(3, 1, dtype=torch.long)})
     with pytest.raises(ValueError, match=rf"^{caller}: params has no tensors"):
         call({})
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda opt: hg.hypergrad(_sq, _sq, {"w": torch.ones(1)}, opt, torch.zeros(2, 1), None),
+        lambda opt: hg.clients.unroll(_sq, {"w": torch.ones(3, 1)}, opt, torch.zeros(2, 3, 1)),
+        lambda opt: hg.clients.hypergrad(
+            _sq, _sq, {"w": torch.ones(3, 1)}, opt, torch.zeros(2, 3, 1), None, aux=torch.ones(1)
+        ),
+    ],
+    ids=["hypergrad", "clients.unroll", "clients.hypergrad"],
+)
+def test_a_torch_optimizer_is_refused_with_the_from_torch_fix(call):
+    # hg.clients.unroll used to read opt.hyperparams first and fail with an AttributeError.
+    with pytest.raises(
+        TypeError, match=r"opt must be a hypergrad optimizer .* got SGD\. .*from_torch"
+    ):
+        call(torch.optim.SGD([torch.zeros(1)], lr=0.1))
+
+
+def _sq(p, a, b):
+    return (p["w"] ** 2).sum()

@@ -81,7 +81,6 @@ of less vectorisation; it does not shrink what reverse mode stores per step (use
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -106,6 +105,7 @@ from hypergrad.unroll import (
     Problem,
     Trajectory,
     all_finite,
+    check_opt,
     check_params,
     draw_seed,
     in_functorch_transform,
@@ -652,13 +652,6 @@ def _vmapped_step(
 # The problem: a vmapped step with round boundaries, an outer loss on the aggregate
 
 
-@dataclasses.dataclass(frozen=True)
-class _Setup:
-    problem: Problem
-    clients: int
-    steps: int
-
-
 def _setup(
     caller: str,
     inner_loss: Callable[..., Any],
@@ -684,12 +677,7 @@ def _setup(
     targets: tuple[str, ...] = (),
     hyper_names: tuple[str, ...] = (),
     compile: bool | str = False,
-) -> _Setup:
-    if not isinstance(opt, Optimizer):
-        raise TypeError(
-            f"{caller}: opt must be a hypergrad optimizer such as hg.optim.sgd(lr=0.1), got "
-            f"{type(opt).__name__}. Convert a torch optimizer with hg.optim.from_torch."
-        )
+) -> Problem:
     if not isinstance(rounds, int) or isinstance(rounds, bool) or rounds < 1:
         raise ValueError(f"{caller}: rounds must be a positive int, got {rounds!r}.")
     if randomness not in _RANDOMNESS:
@@ -707,7 +695,6 @@ def _setup(
         def aggregate(tree: PyTree) -> PyTree:
             return fedavg(tree, weights)
 
-    check_params(params, caller=caller)
     source = Batches(batches, None if steps is None else steps * rounds, caller=caller)
     if steps is None:
         if source.steps % rounds:
@@ -776,7 +763,7 @@ def _setup(
         devices=rng_devices(params),
         init=init,
     )
-    return _Setup(problem, clients, steps)
+    return problem
 
 
 # --------------------------------------------------------------------------------------------
@@ -853,9 +840,11 @@ def unroll(
         (tensor([0.0000, 0.8750, 1.7500, 2.6250]), torch.Size([3, 4]))
     """
     caller = "hg.clients.unroll"
+    check_opt(opt, caller=caller)
+    check_params(params, caller=caller)
     hp = dict(opt.hyperparams)  # every value: a cached compiled step may close over another opt
     hp.update(hyperparams or {})
-    setup = _setup(
+    problem = _setup(
         caller,
         inner_loss,
         params,
@@ -877,7 +866,6 @@ def unroll(
         first_order=False,
         compile=compile,
     )
-    problem = setup.problem
     carry, aux_in, hp_in = problem.bind({})
     carry, losses = run_steps(problem, carry, aux_in, hp_in, 0, problem.steps)
     stacked = torch.stack(losses)
@@ -977,19 +965,17 @@ def hypergrad(
     """
     caller = "hg.clients.hypergrad"
     how = resolve(method, caller=caller)
-    hp: dict[str, Any] = dict(getattr(opt, "hyperparams", {}))
+    check_opt(opt, caller=caller)
+    check_params(params, caller=caller)
+    hp: dict[str, Any] = dict(opt.hyperparams)
     hp.update(hyperparams or {})
     targets, names = _parse_wrt(wrt, aux, hp, opt, caller)
-    leaves = [x for x in _tree.leaves(params) if isinstance(x, torch.Tensor)]
-    dtype = next((x.dtype for x in leaves if x.is_floating_point()), torch.get_default_dtype())
-    device = leaves[0].device if leaves else torch.device("cpu")
+    first = _tree.leaves(params)[0]  # check_params: a non-empty tree of floating-point tensors
     for name in names:
-        hp[name] = _to_tensor(hp[name], dtype, device)
+        hp[name] = _to_tensor(hp[name], first.dtype, first.device)
     if "aux" in targets:
         _check_float(aux, "aux", caller)
-    if "params" in targets:
-        _check_float(params, "params", caller)
-    setup = _setup(
+    problem = _setup(
         caller,
         inner_loss,
         params,
@@ -1014,7 +1000,6 @@ def hypergrad(
         hyper_names=names,
         compile=compile,
     )
-    problem = setup.problem
     how.validate(problem, caller=caller)
     result = how(problem)
     if check_finite:

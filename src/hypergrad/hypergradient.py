@@ -20,6 +20,7 @@ from hypergrad.unroll import (
     Problem,
     all_finite,
     build_step,
+    check_opt,
     check_params,
     draw_seed,
     first_nonfinite,
@@ -244,11 +245,7 @@ def hypergrad(
     """
     caller = "hg.hypergrad"
     how = resolve(method, caller=caller)
-    if not isinstance(opt, Optimizer):
-        raise TypeError(
-            f"{caller}: opt must be a hypergrad optimizer such as hg.optim.sgd(lr=0.1), got "
-            f"{type(opt).__name__}. Convert a torch optimizer with hg.optim.from_torch."
-        )
+    check_opt(opt, caller=caller)
     check_params(params, caller=caller)
     source = Batches(batches, steps, caller=caller)
     hp: dict[str, Any] = dict(opt.hyperparams)

@@ -81,6 +81,7 @@ __all__ = [
     "StepFn",
     "Trajectory",
     "build_step",
+    "check_opt",
     "check_params",
     "draw_seed",
     "first_nonfinite",
@@ -546,6 +547,22 @@ def run_steps(
             if problem.on_step is not None:
                 problem.on_step()
     return Carry(params, state, buffers), losses
+
+
+def check_opt(opt: Any, *, caller: str) -> None:
+    """Raise a teaching error unless ``opt`` is a hypergrad :class:`~hypergrad.optim.Optimizer`.
+
+    Examples:
+        >>> check_opt(torch.optim.SGD([torch.zeros(1)], lr=0.1), caller="hg.hypergrad")
+        Traceback (most recent call last):
+        ...
+        TypeError: hg.hypergrad: opt must be a hypergrad optimizer such as hg.optim.sgd(lr=0.1), got SGD. Convert a torch optimizer with hg.optim.from_torch.
+    """
+    if not isinstance(opt, Optimizer):
+        raise TypeError(
+            f"{caller}: opt must be a hypergrad optimizer such as hg.optim.sgd(lr=0.1), got "
+            f"{type(opt).__name__}. Convert a torch optimizer with hg.optim.from_torch."
+        )
 
 
 def check_params(params: PyTree, *, caller: str) -> None:
