@@ -216,11 +216,6 @@ def axpy(x: torch.Tensor, a: Scalar, y: torch.Tensor) -> torch.Tensor:
     return x + a * y
 
 
-def scale(x: torch.Tensor, a: Scalar) -> torch.Tensor:
-    """``x * a``."""
-    return x * a
-
-
 # --------------------------------------------------------------------------- the flat step
 
 
@@ -451,12 +446,10 @@ def build(
                 fields[field] = None
                 continue
             value = resolve(f"{caller}.init", field, start, paths, shapes, spec)
-            leaves = [
-                torch.zeros_like(p) + (value[i] if isinstance(value, list) else value)
-                if not is_zero(value if not isinstance(value, list) else value[i])
-                else torch.zeros_like(p)
-                for i, p in enumerate(p_leaves)
-            ]
+            leaves = []
+            for i, p in enumerate(p_leaves):
+                v = value[i] if isinstance(value, list) else value
+                leaves.append(torch.zeros_like(p) if is_zero(v) else torch.zeros_like(p) + v)
             fields[field] = optree.tree_unflatten(spec, leaves)
         return state_cls(step, **fields)
 

@@ -9,6 +9,7 @@ import torch
 
 from hypergrad.optim._base import Optimizer
 from hypergrad.optim._common import (
+    axpy,
     build,
     check_form,
     check_range,
@@ -65,10 +66,8 @@ def _adam_math(
     if not is_zero(wd):
         if decoupled:
             p = p * (1 - lr * wd)
-        elif is_number(wd):
-            g = torch.add(g, p, alpha=wd)
         else:
-            g = g + wd * p
+            g = axpy(g, wd, p)
     exp_avg = torch.lerp(bufs["exp_avg"], g, 1 - beta1)  # type: ignore[arg-type]
     v = bufs["exp_avg_sq"]
     if is_number(beta2):
