@@ -55,18 +55,9 @@ def workload(clients: int, seed: int = 0) -> dict:
     x = torch.randn(K, clients, BATCH, DIM, generator=gen)
     y = x[..., :1] * torch.linspace(0.5, 1.5, clients).view(1, clients, 1, 1)
     val = (torch.randn(128, DIM, generator=gen), torch.randn(128, 1, generator=gen))
-    return {"model": model, "aux_model": aux_model, "x": x, "y": y, "val": val}
 
-
-def inner_value(pred, target, yb):
-    return ((pred - yb) ** 2).mean() + LAM * ((pred - target) ** 2).mean()
-
-
-def run_vmap(w: dict, chunk_size: int | None = None, method="reverse") -> torch.Tensor:
-    model, aux_model = w["model"], w["aux_model"]
-    params, _ = hg.split(model)
-    aux, _ = hg.split(aux_model)
-
+    # The losses are built once per workload, as a user defines them once: the compiled step is
+    # cached per inner_loss object, so a new closure per call would compile on every call.
     def inner(p, a, batch):
         xb, yb = batch
         return inner_value(hg.call(model, p, xb), hg.call(aux_model, a, xb), yb)
@@ -74,40 +65,37 @@ def run_vmap(w: dict, chunk_size: int | None = None, method="reverse") -> torch.
     def outer(p, a, batch):
         return ((hg.call(model, p, batch[0]) - batch[1]) ** 2).mean()
 
+    return {
+        "model": model, "aux_model": aux_model, "x": x, "y": y, "val": val,
+        "inner": inner, "outer": outer,
+    }  # fmt: skip
+
+
+def inner_value(pred, target, yb):
+    return ((pred - yb) ** 2).mean() + LAM * ((pred - target) ** 2).mean()
+
+
+def run_vmap(w: dict, chunk_size: int | None = None, method="reverse") -> torch.Tensor:
+    params, _ = hg.split(w["model"])
+    aux, _ = hg.split(w["aux_model"])
     g = hg.clients.hypergrad(
-        outer, inner, params, hg.optim.sgd(lr=LR), (w["x"], w["y"]), w["val"], aux=aux,
+        w["outer"], w["inner"], params, hg.optim.sgd(lr=LR), (w["x"], w["y"]), w["val"], aux=aux,
         in_dims={"params": None}, chunk_size=chunk_size, method=method, seed=0,
     )  # fmt: skip
     return g.aux["weight"]
 
 
-_COMPILED: dict[int, tuple] = {}
-
-
 def run_vmap_compiled(w: dict) -> torch.Tensor:
-    """``hg.clients.hypergrad(compile=True)``; the losses are built once per workload.
+    """``hg.clients.hypergrad(compile=True)`` with the workload's losses (built once).
 
-    The compiled step is cached per ``inner_loss`` object, so new closures on every call would
-    recompile every call; a user defines their losses once, and so does this runner. A fallback
-    to eager (``hg.CompileFallbackWarning``) is recorded in ``FALLBACKS``, never hidden.
+    A fallback to eager (``hg.CompileFallbackWarning``) is recorded in ``FALLBACKS``, never hidden.
     """
-    if id(w) not in _COMPILED:
-        model, aux_model = w["model"], w["aux_model"]
-
-        def inner(p, a, batch):
-            xb, yb = batch
-            return inner_value(hg.call(model, p, xb), hg.call(aux_model, a, xb), yb)
-
-        def outer(p, a, batch):
-            return ((hg.call(model, p, batch[0]) - batch[1]) ** 2).mean()
-
-        _COMPILED[id(w)] = (inner, outer, hg.optim.sgd(lr=LR), hg.split(model)[0])
-    inner, outer, opt, params = _COMPILED[id(w)]
+    params, _ = hg.split(w["model"])
     aux, _ = hg.split(w["aux_model"])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", hg.CompileFallbackWarning)
         g = hg.clients.hypergrad(
-            outer, inner, params, opt, (w["x"], w["y"]), w["val"], aux=aux,
+            w["outer"], w["inner"], params, hg.optim.sgd(lr=LR), (w["x"], w["y"]), w["val"], aux=aux,
             in_dims={"params": None}, seed=0, compile=True,
         )  # fmt: skip
     FALLBACKS.extend(str(c.message) for c in caught)
@@ -224,14 +212,9 @@ def memory_probe(mode: str, clients: int, chunk: int | None) -> None:
     before = _rss_mb()
     if mode == "unroll":  # the K steps alone, no hypergradient graph
         aux, _ = hg.split(w["aux_model"])
-
-        def inner(p, a, batch):
-            xb, yb = batch
-            return inner_value(hg.call(w["model"], p, xb), hg.call(w["aux_model"], a, xb), yb)
-
         with torch.no_grad():
             hg.clients.unroll(
-                inner, params, hg.optim.sgd(lr=LR), (w["x"], w["y"]), aux=aux,
+                w["inner"], params, hg.optim.sgd(lr=LR), (w["x"], w["y"]), aux=aux,
                 in_dims={"params": None}, chunk_size=chunk, seed=0,
             )  # fmt: skip
     elif mode == "vmap":
@@ -266,6 +249,7 @@ def main(
         reference = run_loop(w)
         torch.testing.assert_close(run_vmap(w), reference, rtol=1e-4, atol=1e-6)
         compile_s = None
+        FALLBACKS.clear()  # each row records its own fallbacks
         if compiled:  # the first call compiles: timed here, not in the medians below
             start = time.perf_counter()
             torch.testing.assert_close(run_vmap_compiled(w), reference, rtol=1e-4, atol=1e-6)

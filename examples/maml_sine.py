@@ -70,13 +70,10 @@ def main(
 
     inner_opt = hg.optim.sgd(lr=inner_lr)
 
-    def copies_of(params, n):
-        return hg.tree.map(lambda p: p.expand(n, *p.shape), params)
-
     def adapt(params, batch, n_steps=steps):
         n = batch[0].shape[0]
         batches = tuple(t.expand(n_steps, *t.shape) for t in batch)  # same support each step
-        return hg.unroll(inner_loss, copies_of(params, n), inner_opt, batches).params
+        return hg.unroll(inner_loss, hg.clients.broadcast(params, n), inner_opt, batches).params
 
     meta = init
     meta_opt = hg.optim.adam(lr=meta_lr)
@@ -89,7 +86,7 @@ def main(
         g = hg.hypergrad(
             outer_loss,
             inner_loss,
-            copies_of(meta, tasks_per_batch),
+            hg.clients.broadcast(meta, tasks_per_batch),
             inner_opt,
             batches,
             (x[:, support:], y[:, support:]),
@@ -106,7 +103,7 @@ def main(
     for name, params in [("maml", meta), ("random_init", init)]:
         adapted = adapt(params, support_batch)
         result[f"{name}_before"] = outer_loss(
-            copies_of(params, test_tasks), None, query_batch
+            hg.clients.broadcast(params, test_tasks), None, query_batch
         ).item()
         result[f"{name}_after"] = outer_loss(adapted, None, query_batch).item()
         result[f"{name}_params"] = params

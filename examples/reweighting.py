@@ -2,7 +2,8 @@
 
 A fraction of the training labels of scikit-learn's digits is replaced by a random wrong class.
 Every training example gets a weight in its loss (the auxiliary tree: one logit per example,
-``weight = 2 * sigmoid(logit)``, so all weights start at 1). Each meta-iteration trains an MLP for
+``weights = N * softmax(logits)`` over the N examples, so they stay positive with mean 1 and all
+start at 1). Each meta-iteration trains an MLP for
 ``K`` SGD steps on the weighted loss from the same initial weights and takes the gradient of the
 loss on a small *clean* validation set with respect to the per-example logits; Adam lowers the
 weights that hurt the validation loss. The baseline trains on the same noisy data, unweighted.

@@ -19,7 +19,7 @@ from _digits import accuracy, digits, mlp
 import hypergrad as hg
 
 
-def train(model, params, loss_fn, steps, lr=1e-2):
+def train(params, loss_fn, steps, lr=1e-2):
     """Full-batch Adam on ``loss_fn(params)`` with hg.optim; returns the trained params."""
     opt = hg.optim.adam(lr=lr)
     state = opt.init(params)
@@ -37,7 +37,7 @@ def main(steps: int = 150, lam: float = 1.0, seed: int = 0) -> dict[str, float |
     def task_loss(p):
         return F.cross_entropy(hg.call(model_a, p, x), y)
 
-    params_a = train(model_a, init, task_loss, steps)
+    params_a = train(init, task_loss, steps)
     hg.load(model_a, params_a)  # A is now a trained nn.Module
     a_before = {k: v.clone() for k, v in model_a.state_dict().items()}
     target = hg.split(model_a)[0]  # A's weights as a tree: data, not a variable
@@ -49,8 +49,8 @@ def main(steps: int = 150, lam: float = 1.0, seed: int = 0) -> dict[str, float |
     grads = torch.func.grad(loss_b)(init)
     assert set(grads) == set(init)
 
-    params_b = train(model_a, init, loss_b, steps)
-    params_plain = train(model_a, init, task_loss, steps)
+    params_b = train(init, loss_b, steps)
+    params_plain = train(init, task_loss, steps)
     a_unchanged = all(torch.equal(model_a.state_dict()[k], v) for k, v in a_before.items())
     return {
         "cosine_to_A_with_term": hg.tree.cosine(params_b, target).item(),
