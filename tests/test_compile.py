@@ -236,6 +236,63 @@ def test_changed_shapes_compile_a_bounded_number_of_times():
     assert graphs() == first + grown
 
 
+def entries_of(inner_loss):
+    """The cached compiled steps of ``inner_loss``, least recently used first."""
+    return [e for key, e in _compile._CACHE.items() if key[0][0] is inner_loss]
+
+
+def several_inner(p, aux, batch):
+    return inner(p, aux, batch)
+
+
+@pytest.mark.parametrize("method", ["reverse", "truncated", "checkpointed", "first_order"])
+def test_several_steps_per_graph_equal_eager_with_a_step_left_over(method):
+    # K = 3 in chunks of 2: one two-step graph, then one step on its own; Truncated(2) and
+    # Checkpointed(2) run their ranges [0, 1) / [1, 3) and [0, 2) / [2, 3) that way, with and
+    # without a graph.
+    sgd = OPTIMIZERS["sgd"]
+    eager = run(method, sgd, compile=False, inner_loss=several_inner)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", hg.CompileFallbackWarning)
+        compiled = run(method, sgd, compile=hg.Compile(steps_per_graph=2), inner_loss=several_inner)
+    assert_close(compiled, eager, torch.float64)
+    entry = entries_of(several_inner)[-1]  # first_order has an entry of its own
+    assert list(entry.chunks) == [2]  # the two-step graph was used
+    assert entry.chunk_failure is None and not entry.draws_random
+
+
+def first_step_inner(p, aux, batch):
+    return inner(p, aux, batch)
+
+
+def test_the_first_step_shares_the_graph_of_the_later_ones():
+    # The initial optimizer state does not require grad, the later ones do; settling the flags
+    # before each call keeps one graph for all steps (dynamo would otherwise compile two).
+    before = graphs()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", hg.CompileFallbackWarning)
+        run("reverse", OPTIMIZERS["sgd"], compile=hg.Compile(steps_per_graph=1),
+            inner_loss=first_step_inner)  # fmt: skip
+    assert graphs() == before + 1
+
+
+def test_steps_that_draw_random_numbers_run_one_per_graph_with_their_seeds():
+    # A multi-step graph cannot re-seed between its steps: the generator moved, so the chunk
+    # is discarded, the steps rerun one per graph (eager's masks), and it is remembered.
+    sgd = OPTIMIZERS["sgd"]
+    eager = run("reverse", sgd, compile=False, inner_loss=dropout_inner)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", hg.CompileFallbackWarning)
+        compiled = run("reverse", sgd, compile=True, inner_loss=dropout_inner)
+    assert_close(compiled, eager, torch.float64)
+    (entry,) = entries_of(dropout_inner)
+    assert entry.draws_random
+    before = graphs()
+    again = run("reverse", sgd, compile=True, inner_loss=dropout_inner)  # no chunk tried
+    assert graphs() == before
+    assert_close(again, eager, torch.float64)
+
+
 def test_dropout_matches_eager_when_checkpointing_recomputes_it():
     # fallback_random: compiled dropout draws eager's numbers, so Checkpointed recomputes them.
     sgd = OPTIMIZERS["sgd"]
@@ -299,8 +356,14 @@ def test_a_compiled_unroll_supports_one_plain_backward_only():
 
 
 def test_bad_arguments_are_rejected():
-    with pytest.raises(ValueError, match=r"hg.hypergrad: compile must be False, True or 'strict'"):
+    with pytest.raises(
+        ValueError, match=r"hg.hypergrad: compile must be False, True, 'strict' or hg.Compile"
+    ):
         run("reverse", OPTIMIZERS["sgd"], compile="yes")
+    with pytest.raises(ValueError, match=r"hg.Compile: steps_per_graph must be a positive int"):
+        hg.Compile(steps_per_graph=0)
+    with pytest.raises(ValueError, match=r"hg.Compile: strict must be True or False"):
+        hg.Compile(strict="yes")
     with pytest.raises(ValueError, match=r"hg.unroll: compile=True compiles the inner gradient"):
         kwargs = problem()
         hg.unroll(inner, kwargs["params"], OPTIMIZERS["sgd"], kwargs["batches"], aux=kwargs["aux"],
@@ -328,13 +391,15 @@ def limited_inner(p, aux, batch):
 
 
 def test_recompile_limit_falls_back_with_advice():
-    sgd = OPTIMIZERS["sgd"]
-    eager = run("reverse", sgd, compile=False, inner_loss=limited_inner)
-    with (
-        torch._dynamo.config.patch(recompile_limit=1),  # reverse needs 2 variants
-        pytest.warns(hg.CompileFallbackWarning, match=r"recompile_limit=1 compiled variants"),
-    ):
-        compiled = run("reverse", sgd, compile=True, inner_loss=limited_inner)
+    sgd, one = OPTIMIZERS["sgd"], hg.Compile(steps_per_graph=1)
+    wider = problem(batch=6) | {"inner_loss": limited_inner}  # new shapes need a new variant
+    eager = run("reverse", sgd, compile=False, **wider)
+    with torch._dynamo.config.patch(recompile_limit=1):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", hg.CompileFallbackWarning)
+            run("reverse", sgd, compile=one, inner_loss=limited_inner)  # the one variant
+        with pytest.warns(hg.CompileFallbackWarning, match=r"recompile_limit=1 compiled variants"):
+            compiled = run("reverse", sgd, compile=one, **wider)
     assert_close(compiled, eager, torch.float64)
 
 

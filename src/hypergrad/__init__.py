@@ -5,7 +5,7 @@ another model, learning rates, weight decays, per-example weights or the initial
 """
 
 from hypergrad import clients, nn, optim, testing, tree
-from hypergrad._compile import CompileError, CompileFallbackWarning
+from hypergrad._compile import Compile, CompileError, CompileFallbackWarning
 from hypergrad.hypergradient import Hypergradient, hypergrad
 from hypergrad.methods import Checkpointed, Forward, Truncated
 from hypergrad.nn import call, load, split, stack, unstack
@@ -15,6 +15,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Checkpointed",
+    "Compile",
     "CompileError",
     "CompileFallbackWarning",
     "Forward",

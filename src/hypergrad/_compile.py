@@ -1,16 +1,26 @@
-"""The compiled fast path: a ``torch.compile``-d step function with a cache and an eager fallback.
+"""The compiled fast path: ``torch.compile``-d steps, several steps per graph, eager fallback.
 
 This module sits at the level of :mod:`hypergrad.unroll` (it imports nothing above
 :mod:`hypergrad.optim`): it wraps any step function ``step(params, state, buffers, aux,
 hyperparams, batch)`` (the engine's, or a ``torch.func.vmap``-ed one from :mod:`hypergrad.clients`)
-and hands back a step with the same signature, so the loop and the methods run unchanged.
+and hands back a step with the same signature, plus a *multi-step* that runs several steps as
+one compiled graph, so the loop and the methods run unchanged.
 
 What is compiled, and how
 -------------------------
 
 The whole step (inner loss, inner gradient by ``torch.func.grad_and_value``, optimizer update)
 is one graph: ``torch.compile(step, fullgraph=True, dynamic=False,
-options={"fallback_random": True})``.
+options={"fallback_random": True})``; and so is a run of S consecutive steps (the loop over
+their S batches is unrolled into one graph), which :func:`hypergrad.unroll.run_steps` calls
+once per S steps. A compiled call costs a fixed overhead (guards, the autograd wrapper, one
+backward node) that is about as large as a small model's step on a CPU; S steps per graph pay
+it once, and let inductor fuse the optimizer update of one step with the next step's forward.
+S is :attr:`Compile.steps_per_graph`; by default (``None``) :func:`steps_per_graph` chooses
+it from the number of steps K: K itself up to 6, else the S in 4..6 that leaves the fewest
+steps over (K=20: 5, K=16: 4, K=12: 6, K=11: 5), so one graph serves every chunk and the
+remaining steps run one per graph. The compile time grows with S (each step adds kernels), the
+time per step falls; ``hg.Compile(steps_per_graph=1)`` compiles one step per graph.
 
 - ``fullgraph=True``: a graph break (an unsupported op, ``.item()``, printing inside the loss)
   surfaces at the first call, where we can fall back, instead of silently splitting the step
@@ -22,7 +32,20 @@ options={"fallback_random": True})``.
 - default mode (not ``"reduce-overhead"``): CUDA graphs would overwrite the outputs of step k at
   step k+1, while the unroll keeps every step's outputs for the backward pass.
 
-The outer ``torch.autograd.grad`` differentiates through the compiled step's backward (a
+Random numbers: the engine seeds every step (``seed + k``), which cannot happen inside one
+graph. A multi-step call therefore checks that the generators did not move; if the steps drew
+random numbers (dropout), it discards the result, the steps run one per graph with their seeds,
+and this compiled step never runs several steps per graph again.
+
+Requires-grad flags: dynamo specialises a graph on which inputs require grad, and the carry of
+the first step (fresh params, a zero optimizer state) requires grad where the later ones do
+not. Before each compiled call the floating-point leaves of the params and the optimizer state
+are made to require grad exactly when a graph is being recorded (grad mode on and something
+requires grad): a no-op for the numbers (a leaf that did not require grad has no graph to cut),
+and the first step uses the same graph as the others. Buffers are left as they are (torch
+refuses BatchNorm running statistics that require grad).
+
+The outer ``torch.autograd.grad`` differentiates through the compiled steps' backward (a
 first-order backward of a graph that contains the inner gradient), so ``"reverse"``,
 ``Truncated``, ``Checkpointed`` and ``"first_order"`` run compiled.
 
@@ -32,10 +55,10 @@ and static options, and the step's static switches, plus the dtypes and devices 
 (read at the first step of each call). Hyperparameter *values* are not in the key: they are
 inputs of the step. Repeated ``hg.hypergrad`` calls with the same ``inner_loss`` and optimizer
 family therefore reuse the compiled graphs: no recompilation while shapes, grad mode and which
-inputs require grad stay the same. Each entry holds one graph per such variant (a method
-uses 2 to 4: the first step, the later ones, steps without a graph) and gets its own code
-object, so dynamo's ``torch._dynamo.config.recompile_limit`` (8) counts per entry; past it the
-step falls back (see below) with advice. A *float* hyperparameter is a compile-time constant
+inputs require grad stay the same. Each entry holds one graph per such variant and per number
+of steps, each with a code object of its own, so dynamo's
+``torch._dynamo.config.recompile_limit`` (8) counts per entry and length; past it the step
+falls back (see below) with advice. A *float* hyperparameter is a compile-time constant
 (the optimizers branch on it, e.g. skip a zero weight decay), so a float that changes between
 calls compiles new variants; vary a hyperparameter as a 0-d tensor (``hyperparams={"lr":
 torch.tensor(0.05)}``, or name it in ``wrt``, which makes it one) and nothing recompiles.
@@ -46,6 +69,8 @@ when the step is called inside a ``torch.func`` transform (``method="forward"``,
 ``torch.func.grad`` over ``hg.unroll``): PyTorch cannot apply ``torch.func.jvp``/``vmap``/
 ``grad`` to a compiled function (pytorch/pytorch#128711). ``compile="strict"`` raises
 :class:`CompileError` instead. If the eager step fails too, its error (the user's) is raised.
+A multi-step graph that fails to compile where one step compiles falls back to one step per
+graph, silently (compiled, same numbers).
 
 Limitation: the backward of a compiled region runs once: ``retain_graph=True`` or
 ``create_graph=True`` (a double backward) through a compiled unroll raises torch's error at
@@ -56,6 +81,7 @@ derivatives of a trajectory.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import threading
 import types
 import warnings
@@ -69,12 +95,14 @@ from hypergrad.optim._base import Optimizer
 
 __all__ = [
     "CACHE_SIZE",
+    "Compile",
     "CompileError",
     "CompileFallbackWarning",
     "check_compile",
     "clear_cache",
     "compile_step",
     "step_key",
+    "steps_per_graph",
 ]
 
 #: How many compiled steps are kept (least recently used ones are dropped).
@@ -87,6 +115,8 @@ COMPILE_KWARGS: dict[str, Any] = {
     "options": {"fallback_random": True},
 }
 
+#: The chunk lengths :func:`steps_per_graph` chooses from when K is longer than the largest.
+AUTO_STEPS_PER_GRAPH = (6, 5, 4)
 
 _NON_LEAF_GRAD = r"The \.grad attribute of a Tensor that is not a leaf Tensor"
 
@@ -113,19 +143,92 @@ class CompileError(RuntimeError):
     """
 
 
-def check_compile(compile: Any, *, caller: str) -> bool | str:
-    """Validate a ``compile=`` argument: ``False``, ``True`` or ``"strict"``.
+@dataclasses.dataclass(frozen=True)
+class Compile:
+    """How ``compile=`` compiles the inner loop; ``compile=True`` means ``hg.Compile()``.
+
+    Args:
+        steps_per_graph: how many consecutive steps one compiled graph runs. ``None`` (default)
+            chooses from the number of steps K (see :func:`steps_per_graph`); larger compiles
+            longer and runs faster; ``1`` compiles one step per graph (the shortest compile).
+        strict: raise :class:`CompileError` where the step cannot be compiled, instead of
+            running it eagerly with a :class:`CompileFallbackWarning` (``compile="strict"``).
+
+    Examples:
+        >>> hg.Compile(steps_per_graph=2)
+        hg.Compile(steps_per_graph=2, strict=False)
+        >>> hg.Compile(steps_per_graph=0)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: hg.Compile: steps_per_graph must be a positive int or None ..., got 0.
+
+        Pass it as ``compile=hg.Compile(steps_per_graph=4)`` to ``hg.unroll``,
+        ``hg.hypergrad`` or ``hg.clients.*``.
+    """
+
+    steps_per_graph: int | None = None
+    strict: bool = False
+
+    def __post_init__(self) -> None:
+        n = self.steps_per_graph
+        if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
+            raise ValueError(
+                f"hg.Compile: steps_per_graph must be a positive int or None (chosen from the "
+                f"number of steps), got {n!r}."
+            )
+        if not isinstance(self.strict, bool):
+            raise ValueError(f"hg.Compile: strict must be True or False, got {self.strict!r}.")
+
+    def __repr__(self) -> str:
+        return f"hg.Compile(steps_per_graph={self.steps_per_graph}, strict={self.strict})"
+
+
+def check_compile(compile: Any, *, caller: str) -> Compile | None:
+    """Validate a ``compile=`` argument: ``None`` for ``False``, else the :class:`Compile` options.
+
+    ``True`` is ``Compile()``, ``"strict"`` is ``Compile(strict=True)``.
 
     Examples:
         >>> check_compile("strict", caller="hg.unroll")
-        'strict'
+        hg.Compile(steps_per_graph=None, strict=True)
+        >>> check_compile(False, caller="hg.unroll") is None
+        True
     """
-    if compile is False or compile is True or compile == "strict":
+    if compile is False:
+        return None
+    if compile is True:
+        return Compile()
+    if isinstance(compile, str) and compile == "strict":
+        return Compile(strict=True)
+    if isinstance(compile, Compile):
         return compile
     raise ValueError(
-        f"{caller}: compile must be False, True or 'strict', got {compile!r}. True compiles the "
-        "step with torch.compile and falls back to eager with a warning; 'strict' raises instead."
+        f"{caller}: compile must be False, True, 'strict' or hg.Compile(...), got {compile!r}. "
+        "True compiles the steps with torch.compile and falls back to eager with a warning; "
+        "'strict' raises instead; hg.Compile(steps_per_graph=S) also sets how many steps one "
+        "graph runs."
     )
+
+
+def steps_per_graph(steps: int, options: Compile) -> int:
+    """How many steps one compiled graph runs, for an unroll of ``steps`` steps.
+
+    The user's :attr:`Compile.steps_per_graph` if set; else ``steps`` itself when it is at most
+    the largest of :data:`AUTO_STEPS_PER_GRAPH`, otherwise the length among them that leaves
+    the fewest steps over (the longer one on a tie): every chunk then has that one length, and
+    the steps left over run one per graph.
+
+    Examples:
+        >>> [steps_per_graph(k, Compile()) for k in (1, 3, 10, 11, 12, 16, 20, 1000)]
+        [1, 3, 5, 5, 6, 4, 5, 5]
+        >>> steps_per_graph(20, Compile(steps_per_graph=1))
+        1
+    """
+    if options.steps_per_graph is not None:
+        return options.steps_per_graph
+    if steps <= max(AUTO_STEPS_PER_GRAPH):
+        return steps
+    return min(AUTO_STEPS_PER_GRAPH, key=lambda s: (steps % s, -s))
 
 
 def _value_key(value: Any, depth: int = 0) -> Hashable:
@@ -148,9 +251,10 @@ def step_key(inner_loss: Callable[..., Any], opt: Optimizer, **static: Any) -> H
     """The cache key of a compiled step, or ``None`` when something in it is not hashable.
 
     Built from ``inner_loss`` (by identity: define it once, outside the outer loop), the
-    optimizer's family, functions (by code and closure contents) and static options, and the given static switches of the step
-    (``has_buffers``, ``first_order``, how clients are vmapped, ...). Not from hyperparameter
-    values: those are inputs of the step, so the caller must pass all of them to the step.
+    optimizer's family, functions (by code and closure contents) and static options, and the
+    given static switches of the step (``has_buffers``, ``first_order``, how clients are
+    vmapped, ...). Not from hyperparameter values: those are inputs of the step, so the caller
+    must pass all of them to the step.
 
     Examples:
         >>> loss = lambda p, a, b: p["w"].sum()
@@ -174,15 +278,6 @@ def step_key(inner_loss: Callable[..., Any], opt: Optimizer, **static: Any) -> H
         return None
 
 
-class _Entry:
-    """One compiled step: the compiled function and, once it failed, the cause."""
-
-    def __init__(self, step: Callable[..., Any], number: int) -> None:
-        _import_inductor()
-        self.fn = torch.compile(_own_code(step, number), **COMPILE_KWARGS)
-        self.failure: str | None = None
-
-
 def _import_inductor() -> None:
     """Import inductor once, hiding the deprecation warning torch's own import chain emits.
 
@@ -197,21 +292,62 @@ def _import_inductor() -> None:
         import torch._inductor.compile_fx  # noqa: F401
 
 
-def _own_code(step: Callable[..., Any], number: int) -> Callable[..., Any]:
-    """A trampoline calling ``step`` with a code object of its own.
+def _with_own_code(fn: Callable[..., Any], name: str) -> Callable[..., Any]:
+    """``fn`` with a code object of its own, named ``name``.
 
     Dynamo caches compiled graphs per code object and limits recompiles per code object; every
-    engine step shares the code of one nested function, so each entry gets a fresh code object.
+    engine step shares the code of one nested function, so each entry (and each chunk length)
+    gets a fresh code object.
     """
+    code = fn.__code__.replace(co_name=name, co_qualname=name)
+    own = types.FunctionType(code, fn.__globals__, name, None, fn.__closure__)
+    own.__qualname__ = name
+    return own
 
+
+def _one_step(step: Callable[..., Any], name: str) -> Callable[..., Any]:
     def trampoline(params, state, buffers, aux, hyperparams, batch):
         return step(params, state, buffers, aux, hyperparams, batch)
 
-    name = f"hypergrad_step_{number}"
-    code = trampoline.__code__.replace(co_name=name, co_qualname=name)
-    fn = types.FunctionType(code, trampoline.__globals__, name, None, trampoline.__closure__)
-    fn.__qualname__ = name
-    return fn
+    return _with_own_code(trampoline, name)
+
+
+def _several_steps(step: Callable[..., Any], name: str) -> Callable[..., Any]:
+    """``steps(params, state, buffers, aux, hyperparams, batches)``: one step per batch."""
+
+    def trampoline(params, state, buffers, aux, hyperparams, batches):
+        losses = []
+        for batch in batches:  # a tuple of fixed length: dynamo unrolls it into one graph
+            params, state, buffers, loss = step(params, state, buffers, aux, hyperparams, batch)
+            losses.append(loss)
+        return params, state, buffers, tuple(losses)
+
+    return _with_own_code(trampoline, name)
+
+
+class _Entry:
+    """One cached compiled step: its graphs for one step and for each chunk length, and flags.
+
+    ``failure``: why the one-step graph could not be compiled (then everything runs eagerly);
+    ``chunk_failure``: why a multi-step graph could not (then one step per graph);
+    ``draws_random``: the step draws random numbers, so it runs one step per graph.
+    """
+
+    def __init__(self, step: Callable[..., Any], number: int) -> None:
+        _import_inductor()
+        self.step = step
+        self.name = f"hypergrad_step_{number}"
+        self.fn = torch.compile(_one_step(step, self.name), **COMPILE_KWARGS)
+        self.chunks: dict[int, Callable[..., Any]] = {}
+        self.failure: str | None = None
+        self.chunk_failure: str | None = None
+        self.draws_random = False
+
+    def chunk(self, length: int) -> Callable[..., Any]:
+        if length not in self.chunks:
+            name = f"{self.name}_x{length}"
+            self.chunks[length] = torch.compile(_several_steps(self.step, name), **COMPILE_KWARGS)
+        return self.chunks[length]
 
 
 _CACHE: collections.OrderedDict[Hashable, _Entry] = collections.OrderedDict()
@@ -259,17 +395,62 @@ def _describe(error: BaseException) -> str:
     return text if len(text) <= 300 else text[:297] + "..."
 
 
+def _in_transform() -> bool:
+    return torch._C._functorch.maybe_current_level() is not None
+
+
+def _records(*trees: Any) -> bool:
+    """Whether a compiled step called on ``trees`` records a graph (its outputs require grad)."""
+    return torch.is_grad_enabled() and any(
+        isinstance(x, torch.Tensor) and x.requires_grad for x in _tree.leaves(trees)
+    )
+
+
+def _settle(tree: Any, record: bool) -> Any:
+    """Floating-point leaves of ``tree`` require grad exactly when ``record`` (see module doc)."""
+
+    def settle(x: Any) -> Any:
+        if isinstance(x, torch.Tensor) and x.is_floating_point() and x.requires_grad != record:
+            return x.detach().requires_grad_() if record else x.detach()
+        return x
+
+    return _tree.map(settle, tree)
+
+
+def _generator_states(tree: Any) -> list[torch.Tensor]:
+    """The states of the CPU generator and of the CUDA devices holding leaves of ``tree``."""
+    devices = {
+        x.device.index or 0
+        for x in _tree.leaves(tree)
+        if isinstance(x, torch.Tensor) and x.device.type == "cuda"
+    }
+    return [torch.default_generator.get_state()] + [
+        torch.cuda.default_generators[i].get_state() for i in sorted(devices)
+    ]
+
+
 class _CompiledStep:
-    """A step with the engine's signature: compiled when possible, else eager (see module doc)."""
+    """A step with the engine's signature: compiled when possible, else eager (see module doc).
+
+    :meth:`several` runs several steps as one graph (the engine's multi-step protocol, see
+    :func:`hypergrad.unroll.run_steps`): ``length`` steps per call, ``fits(k)``, and a call
+    that returns ``None`` when those steps must run one by one.
+    """
 
     def __init__(
-        self, step: Callable[..., Any], key: Hashable | None, strict: bool, caller: str
+        self,
+        step: Callable[..., Any],
+        key: Hashable | None,
+        options: Compile,
+        caller: str,
+        length: int,
     ) -> None:
         self.eager = step
         self.key = key
         self.entry: _Entry | None = None  # chosen at the first call, by the params' dtypes
-        self.strict = strict
+        self.strict = options.strict
         self.caller = caller
+        self.length = length
         self.warned = False
 
     def _fall_back(self, cause: str, error: BaseException | None = None) -> None:
@@ -289,9 +470,23 @@ class _CompiledStep:
                 stacklevel=4,
             )
 
+    def _entry_for(self, params: Any) -> _Entry:
+        if self.entry is None:
+            kinds = {(x.dtype, x.device) for x in _tree.leaves(params) if hasattr(x, "dtype")}
+            signature = tuple(sorted(kinds, key=str))
+            self.entry = _entry(self.eager, None if self.key is None else (self.key, signature))
+        return self.entry
+
+    def fits(self, k: int) -> bool:
+        """Whether steps ``k .. k+length-1`` may be tried as one graph (this entry permitting)."""
+        entry = self.entry
+        return self.length > 1 and not (
+            entry is not None and (entry.failure or entry.chunk_failure or entry.draws_random)
+        )
+
     def __call__(self, params, state, buffers, aux, hyperparams, batch):
         args = (params, state, buffers, aux, hyperparams, batch)
-        if torch._C._functorch.maybe_current_level() is not None:
+        if _in_transform():
             self._fall_back(
                 "it runs inside a torch.func transform (method='forward', or torch.func.grad/"
                 "vmap/jvp around the call), and PyTorch cannot apply torch.func transforms to a "
@@ -299,13 +494,12 @@ class _CompiledStep:
                 "hg.Checkpointed(...) for a compiled hypergradient"
             )
             return self.eager(*args)
-        if self.entry is None:
-            kinds = {(x.dtype, x.device) for x in _tree.leaves(params) if hasattr(x, "dtype")}
-            signature = tuple(sorted(kinds, key=str))
-            self.entry = _entry(self.eager, None if self.key is None else (self.key, signature))
-        if self.entry.failure is not None:
-            self._fall_back(self.entry.failure)
+        entry = self._entry_for(params)
+        if entry.failure is not None:
+            self._fall_back(entry.failure)
             return self.eager(*args)
+        record = _records(params, state, aux, hyperparams, batch)
+        settled = (_settle(params, record), _settle(state, record), *args[2:])
         try:
             with warnings.catch_warnings():
                 # Dynamo reads .grad of non-leaf inputs while tracing and discards the warning
@@ -313,22 +507,50 @@ class _CompiledStep:
                 # under an "error" filter (pytest's filterwarnings, -W error) it would abort
                 # the compile instead.
                 warnings.filterwarnings("ignore", message=_NON_LEAF_GRAD, category=UserWarning)
-                return self.entry.fn(*args)
+                return entry.fn(*settled)
         except Exception as error:
             # Dynamo restores the RNG state after tracing, so the eager step sees the same random
             # numbers. If the eager step fails too, the error is the user's: raise that one.
             result = self.eager(*args)
-            self.entry.failure = _describe(error)
-            self._fall_back(self.entry.failure, error)
+            entry.failure = _describe(error)
+            self._fall_back(entry.failure, error)
             return result
+
+    def several(self, params, state, buffers, aux, hyperparams, batches):
+        """Run ``len(batches)`` steps as one graph; ``None``: run them one by one instead.
+
+        ``None`` inside a torch.func transform, when the step could not be compiled, and when
+        the steps drew random numbers (then never again: those need a seed per step).
+        """
+        if _in_transform():
+            return None
+        entry = self._entry_for(params)
+        if entry.failure or entry.chunk_failure or entry.draws_random:
+            return None
+        record = _records(params, state, aux, hyperparams, batches)
+        settled = (_settle(params, record), _settle(state, record), buffers, aux, hyperparams)
+        before = _generator_states(params)
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=_NON_LEAF_GRAD, category=UserWarning)
+                result = entry.chunk(len(batches))(*settled, tuple(batches))
+        except Exception as error:
+            entry.chunk_failure = _describe(error)
+            return None
+        after = _generator_states(params)
+        if any(not torch.equal(a, b) for a, b in zip(before, after)):
+            entry.draws_random = True
+            return None
+        return result
 
 
 def compile_step(
     step: Callable[..., Any],
     *,
-    compile: bool | str,
+    compile: Compile | None,
     caller: str,
     key: Hashable | None = None,
+    steps: int = 1,
 ) -> Callable[..., Any]:
     """Return ``step`` compiled with ``torch.compile`` (cached by ``key``), or ``step`` itself.
 
@@ -336,25 +558,29 @@ def compile_step(
         step: a step function ``step(params, state, buffers, aux, hyperparams, batch)`` that is
             traceable by torch.func (the engine's ``make_step(..., inner_grad="func")``, or a
             ``torch.func.vmap`` of it). It is also the eager fallback.
-        compile: ``False`` (return ``step``), ``True`` (fall back to eager with a
-            :class:`CompileFallbackWarning`) or ``"strict"`` (raise :class:`CompileError`).
+        compile: the options from :func:`check_compile`; ``None`` returns ``step``.
         caller: the public name used in warnings and errors.
         key: reuse the compiled step cached under this key (see :func:`step_key`); ``None``
             compiles afresh. The key must capture everything ``step`` closes over except the
             hyperparameter values, which every call must pass in full.
+        steps: the number of steps of the unroll, from which :func:`steps_per_graph` chooses
+            how many steps one graph runs.
 
     Returns:
-        A step with the same signature and results.
+        A step with the same signature and results; a compiled one also has ``length``,
+        ``fits(k)`` and ``several(...)``, the multi-step that
+        :func:`hypergrad.unroll.run_steps` uses.
 
     Examples:
         >>> opt = hg.optim.sgd(lr=0.5)
         >>> loss = lambda p, a, b: (p["w"] ** 2).sum()
         >>> from hypergrad.unroll import make_step
         >>> eager = make_step(loss, opt, has_buffers=False, inner_grad="func")
-        >>> compile_step(eager, compile=False, caller="hg.unroll") is eager
+        >>> compile_step(eager, compile=None, caller="hg.unroll") is eager
         True
+        >>> compile_step(eager, compile=Compile(), caller="hg.unroll", steps=20).length
+        5
     """
-    mode = check_compile(compile, caller=caller)
-    if mode is False:
+    if compile is None:
         return step
-    return _CompiledStep(step, key, mode == "strict", caller)
+    return _CompiledStep(step, key, compile, caller, steps_per_graph(steps, compile))

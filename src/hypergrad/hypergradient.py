@@ -12,6 +12,7 @@ import optree
 import torch
 
 from hypergrad import tree as _tree
+from hypergrad._compile import Compile
 from hypergrad.methods import Method, resolve
 from hypergrad.optim._base import Optimizer
 from hypergrad.tree import PyTree
@@ -25,6 +26,7 @@ from hypergrad.unroll import (
     draw_seed,
     first_nonfinite,
     locate_nonfinite,
+    multi_step,
     outer_fn,
     progress_bar,
     rng_devices,
@@ -164,7 +166,7 @@ def hypergrad(
     progress: bool = False,
     inner_grad: str = "auto",
     check_finite: bool = True,
-    compile: bool | str = False,
+    compile: bool | str | Compile = False,
 ) -> Hypergradient:
     """The gradient of ``outer_loss(params_K, aux, outer_batch)`` through K optimizer steps.
 
@@ -205,9 +207,10 @@ def hypergrad(
         check_finite: check once, at the end (one device sync), that the losses, the outer
             value and the hypergradient are finite; if not, replay the unroll step by step to
             name the first step and key path that went nan/inf, and raise.
-        compile: ``True`` compiles the step (inner gradient + update) with ``torch.compile``,
-            cached across calls with the same ``inner_loss`` and optimizer family; same results
-            as eager. ``"reverse"``, ``Truncated``, ``Checkpointed`` and ``"first_order"`` run
+        compile: ``True`` compiles the steps (inner gradient + update) with ``torch.compile``,
+            several consecutive steps per graph (``hg.Compile(steps_per_graph=S)`` sets how
+            many), cached across calls with the same ``inner_loss`` and optimizer family; same
+            results as eager. ``"reverse"``, ``Truncated``, ``Checkpointed`` and ``"first_order"`` run
             compiled; ``"forward"`` (``torch.func.jvp``) and anything dynamo cannot compile run
             eagerly with one ``hg.CompileFallbackWarning`` naming the cause; ``"strict"``
             raises ``hg.CompileError`` instead. See :mod:`hypergrad._compile`.
@@ -268,6 +271,7 @@ def hypergrad(
         inner_grad="func" if how.functional else inner_grad,
         first_order=how.first_order,
         compile=compile,
+        steps=source.steps,
         caller=caller,
     )
     problem = Problem(
@@ -285,6 +289,7 @@ def hypergrad(
         hyper_names=names,
         devices=rng_devices(params),
         init=lambda p, h: opt.init(p, hyperparams=h),
+        multi=multi_step(step),
     )
     how.validate(problem, caller=caller)
     with progress_bar(progress, how.evaluations(problem), repr(how), caller) as bar:

@@ -27,6 +27,13 @@ Under ``torch.no_grad()`` the step still computes the inner gradient but records
 ``first_order=True`` the inner gradient is detached (stop-gradient), which is the
 ``"first_order"`` method.
 
+**Multi-step.** A compiled step also runs several consecutive steps as one graph: the
+:class:`Problem` carries it as ``multi`` (from :func:`multi_step`), an object with ``length``
+(steps per call), ``fits(k)`` (whether steps ``k .. k+length-1`` may run as one call) and
+``several(params, state, buffers, aux, hyperparams, batches) -> (params, state, buffers,
+losses)`` or ``None`` (run these steps one by one instead). :func:`run_steps` uses it where it
+fits; methods never see it. ``hg.clients`` wraps it to keep chunks inside a federated round.
+
 **Problem.** A :class:`Problem` holds everything a method needs: the step, the outer function
 ``outer(params, buffers, aux) -> scalar`` (the outer batch is already bound), the initial carry
 ``(params, state, buffers)``, ``aux``, ``hyperparams``, ``batch_at(k)``, the number of steps ``K``,
@@ -70,7 +77,7 @@ import optree
 import torch
 
 from hypergrad import tree as _tree
-from hypergrad._compile import check_compile, compile_step, step_key
+from hypergrad._compile import Compile, check_compile, compile_step, step_key
 from hypergrad.optim._base import Optimizer
 from hypergrad.tree import PyTree
 
@@ -88,6 +95,7 @@ __all__ = [
     "locate_nonfinite",
     "make_step",
     "manual_seed",
+    "multi_step",
     "requires_grad",
     "run_steps",
     "seeded",
@@ -272,13 +280,15 @@ def build_step(
     has_buffers: bool,
     inner_grad: str = "auto",
     first_order: bool = False,
-    compile: bool | str = False,
+    compile: bool | str | Compile = False,
+    steps: int = 1,
     caller: str = "hg.unroll",
 ) -> StepFn:
     """:func:`make_step`, compiled (and cached) when ``compile`` asks (see :mod:`hypergrad._compile`).
 
     A compiled step takes its inner gradient with ``torch.func`` (``inner_grad="func"``) and must
-    be given every hyperparameter (``{**opt.hyperparams, **changes}``) at each call.
+    be given every hyperparameter (``{**opt.hyperparams, **changes}``) at each call; it also
+    runs several steps per graph (:func:`multi_step`), how many chosen from ``steps`` (K).
 
     Examples:
         >>> opt = hg.optim.sgd(lr=0.1)
@@ -286,8 +296,8 @@ def build_step(
         >>> step({"w": torch.tensor([1.0])}, opt.init({}), None, None, {"lr": 0.1}, None)[0]
         {'w': tensor([0.8000])}
     """
-    compile = check_compile(compile, caller=caller)
-    if compile and inner_grad == "autograd":
+    options = check_compile(compile, caller=caller)
+    if options is not None and inner_grad == "autograd":
         raise ValueError(
             f"{caller}: compile={compile!r} compiles the inner gradient with torch.func, so it "
             "needs inner_grad='func' or 'auto'; torch.autograd.grad inside torch.compile breaks "
@@ -297,12 +307,23 @@ def build_step(
         inner_loss,
         opt,
         has_buffers=has_buffers,
-        inner_grad="func" if compile else inner_grad,
+        inner_grad="func" if options is not None else inner_grad,
         first_order=first_order,
         caller=caller,
     )
     key = step_key(inner_loss, opt, has_buffers=has_buffers, first_order=first_order)
-    return compile_step(step, compile=compile, caller=caller, key=key)
+    return compile_step(step, compile=options, caller=caller, key=key, steps=steps)
+
+
+def multi_step(step: StepFn) -> Any:
+    """The multi-step of a compiled ``step`` (see :func:`run_steps`), or ``None`` for others.
+
+    Examples:
+        >>> opt = hg.optim.sgd(lr=0.1)
+        >>> multi_step(build_step(lambda p, a, b: p["w"].sum(), opt, has_buffers=False)) is None
+        True
+    """
+    return step if hasattr(step, "several") else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -471,6 +492,8 @@ class Problem:
         init: ``init(params, hyperparams) -> state``, used by :meth:`bind` when ``state`` is
             ``None`` (the state may depend on differentiated hyperparameters, e.g. Adagrad's
             ``initial_accumulator_value``, or exist only for tensor ones, e.g. SGD's momentum).
+        multi: a multi-step that runs several steps per call (the compiled path, see
+            :func:`run_steps`), or ``None``: one :attr:`step` call per step.
     """
 
     step: StepFn
@@ -488,6 +511,7 @@ class Problem:
     devices: tuple[int, ...] = ()
     on_step: Callable[[], None] | None = None
     init: Callable[[PyTree, Mapping[str, Any]], PyTree] | None = None
+    multi: Any = None
 
     def inputs(self) -> dict[str, PyTree]:
         """The trees to differentiate, keyed ``"aux"`` / ``"hyperparams"`` / ``"params"``."""
@@ -531,21 +555,46 @@ def run_steps(
     all inside one ``torch.random.fork_rng``, so the caller's generator is left as it was. Runs under
     whatever autograd mode the caller set. Returns the new carry and the step losses (attached
     to the graph when one is recorded).
+
+    With a :attr:`Problem.multi` (the compiled path), runs of ``multi.length`` consecutive steps
+    where ``multi.fits(k)`` go to ``multi.several(params, state, buffers, aux, hyperparams,
+    batches)`` in one call (each batch still fetched after its own seed); that returns the new
+    carry and the steps' losses, or ``None`` when the steps must run one by one (they drew
+    random numbers, which need the seed of each step, or the multi-step cannot run here), and
+    the loop then runs them through :attr:`Problem.step`. The numbers are the same either way.
     """
     losses: list[torch.Tensor] = []
     params, state, buffers = carry
+    multi, seed, devices = problem.multi, problem.seed, problem.devices
+
+    def fetch(k: int) -> Any:
+        manual_seed(seed + k, devices)  # before batch_at: seeds batch_fn too
+        return problem.batch_at(k)
+
     # One fork for the whole range (the caller's generator is restored at the end), then a
     # cheap re-seed per step: nothing but the step itself draws random numbers in between.
-    with torch.random.fork_rng(devices=list(problem.devices)):
-        for k in range(start, stop):
-            manual_seed(problem.seed + k, problem.devices)  # before batch_at: seeds batch_fn too
-            batch = problem.batch_at(k)
+    with torch.random.fork_rng(devices=list(devices)):
+        k = start
+        while k < stop:
+            if multi is not None and stop - k >= multi.length > 1 and multi.fits(k):
+                batches = tuple(fetch(j) for j in range(k, k + multi.length))
+                out = multi.several(params, state, buffers, aux, hyperparams, batches)
+                if out is not None:
+                    params, state, buffers, chunk = out
+                    losses.extend(chunk)
+                    for _ in chunk:
+                        if problem.on_step is not None:
+                            problem.on_step()
+                    k += len(chunk)
+                    continue
+            batch = fetch(k)
             params, state, buffers, loss = problem.step(
                 params, state, buffers, aux, hyperparams, batch
             )
             losses.append(loss)
             if problem.on_step is not None:
                 problem.on_step()
+            k += 1
     return Carry(params, state, buffers), losses
 
 
@@ -721,7 +770,7 @@ def unroll(
     progress: bool = False,
     inner_grad: str = "auto",
     check_finite: bool = True,
-    compile: bool | str = False,
+    compile: bool | str | Compile = False,
 ) -> Trajectory:
     """Run K differentiable optimizer steps of ``inner_loss`` and return the :class:`Trajectory`.
 
@@ -754,11 +803,13 @@ def unroll(
             ``"autograd"`` (same numbers; see :mod:`hypergrad.unroll`).
         check_finite: after the loop, check (one device sync) that the losses and final params
             are finite; if not, replay to find the step and key and raise.
-        compile: ``True`` compiles the step (inner gradient + update) with ``torch.compile``
-            and reuses it across calls with the same ``inner_loss`` and optimizer family (see
-            :mod:`hypergrad._compile`); where that fails it runs eagerly with one
-            ``hg.CompileFallbackWarning``; ``"strict"`` raises ``hg.CompileError`` instead.
-            A compiled trajectory supports one backward pass (no ``create_graph``).
+        compile: ``True`` compiles the steps (inner gradient + update) with ``torch.compile``,
+            several consecutive steps per graph, and reuses the graphs across calls with the
+            same ``inner_loss`` and optimizer family (see :mod:`hypergrad._compile`); where
+            that fails it runs eagerly with one ``hg.CompileFallbackWarning``; ``"strict"``
+            raises ``hg.CompileError`` instead; ``hg.Compile(steps_per_graph=S)`` sets how many
+            steps one graph runs. A compiled trajectory supports one backward pass (no
+            ``create_graph``).
 
     Returns:
         ``Trajectory(params, state, buffers, losses)`` with ``losses`` of shape ``(K,)``.
@@ -784,6 +835,7 @@ def unroll(
         has_buffers=buffers is not None,
         inner_grad=inner_grad,
         compile=compile,
+        steps=source.steps,
         caller=caller,
     )
     with progress_bar(progress, source.steps, "unroll", caller) as bar:
@@ -802,6 +854,7 @@ def unroll(
             devices=rng_devices(params),
             on_step=None if bar is None else (lambda: bar.update(1)),
             init=lambda p, h: opt.init(p, hyperparams=h),
+            multi=multi_step(step),
         )
         carry, aux, hp = problem.bind({})
         carry, losses = run_steps(problem, carry, aux, hp, 0, source.steps)
