@@ -13,7 +13,13 @@ we take the gradient of the server's validation loss with respect to the auxilia
   (skipped when not importable; timed up to ``--peers-up-to`` clients, since they are several
   times slower than the hand-written loop).
 
-Times are the median of ``--repeats`` runs after a warm-up, all in this process. Peak memory is
+Times are the median of ``--repeats`` runs after a warm-up, all in this process, the runners
+alternating within each repeat (so a ratio compares runs taken seconds apart on a drifting VM).
+Each row also counts the matmul FLOPs of the vmapped hypergradient (``torch.utils.flop_counter``;
+the loop executes the same) and measures this machine's matmul rate in the same run (a 1024^2
+``mm``, and the workload's main batched product out of cache), giving the GFLOP/s each runner
+reaches and the time the matmuls alone would take at the measured rate (``matmul_floor_s``).
+Peak memory is
 measured in a fresh subprocess per configuration: the kernel's peak-RSS mark (VmHWM) is reset
 just before the run (``/proc/self/clear_refs``), and the growth of the peak over the RSS at
 that moment is reported. Writes
@@ -177,14 +183,58 @@ def peers() -> dict:
     return out
 
 
-def median_time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
+def interleaved_medians(fns: dict, repeats: int) -> dict[str, float]:
+    """Median seconds of each function, the functions alternating within every repeat.
+
+    Timings on a shared VM drift by up to 1.5x between minutes; alternating the runners makes
+    each ratio compare runs taken seconds apart, not minutes.
+    """
+    for fn in fns.values():
+        fn()  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
-        start = time.perf_counter()
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def matmul_flops(fn) -> int:
+    """The matmul FLOPs ``fn()`` executes (``torch.utils.flop_counter``; sees vmap's bmm)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
         fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return counter.get_total_flops()
+
+
+def peak_gflops(clients: int, repeats: int = 7) -> dict[str, float]:
+    """This machine's matmul rate at the current thread count: a large ``mm`` (in cache) and the
+    workload's main batched product ``(C, B, W) @ (C, W, W)`` with operands cycled out of cache.
+    """
+
+    def rate(pairs, flops: float) -> float:
+        for a, b in pairs[:2]:
+            torch.matmul(a, b)
+        ts = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for a, b in pairs:
+                torch.matmul(a, b)
+            ts.append((time.perf_counter() - start) / len(pairs))
+        return flops / statistics.median(ts) / 1e9
+
+    big = [(torch.randn(1024, 1024), torch.randn(1024, 1024))]
+    count = max(2, (64 << 20) // (4 * clients * WIDTH * (BATCH + WIDTH)))  # ~64 MiB of operands
+    bmm = [
+        (torch.randn(clients, BATCH, WIDTH), torch.randn(clients, WIDTH, WIDTH))
+        for _ in range(count)
+    ]
+    return {
+        "mm_1024": rate(big, 2 * 1024**3),
+        "bmm_workload_shape": rate(bmm, 2 * clients * BATCH * WIDTH * WIDTH),
+    }
 
 
 def _rss_mb() -> float:
@@ -254,12 +304,21 @@ def main(
             start = time.perf_counter()
             torch.testing.assert_close(run_vmap_compiled(w), reference, rtol=1e-4, atol=1e-6)
             compile_s = time.perf_counter() - start
-        times = {
-            name: median_time(lambda fn=fn, w=w: fn(w), repeats)
-            for name, fn in runners.items()
-            if name in ("vmap", "loop", "vmap+compile") or clients <= peers_up_to
-        }
+        times = interleaved_medians(
+            {
+                name: (lambda fn=fn, w=w: fn(w))
+                for name, fn in runners.items()
+                if name in ("vmap", "loop", "vmap+compile") or clients <= peers_up_to
+            },
+            repeats,
+        )
+        flops = matmul_flops(lambda w=w: run_vmap(w))
+        peak = peak_gflops(clients)
         row = {"clients": clients, "seconds": times}
+        row["matmul_gflop"] = flops / 1e9
+        row["peak_gflops"] = peak
+        row["achieved_matmul_gflops"] = {n: flops / t / 1e9 for n, t in times.items()}
+        row["matmul_floor_s"] = flops / (peak["bmm_workload_shape"] * 1e9)
         if compile_s is not None:
             row["compile_and_first_call_s"] = compile_s
             row["compile_fallbacks"] = sorted(set(FALLBACKS))
@@ -274,6 +333,12 @@ def main(
         if "compiled_speedup_vs" in row:
             cs = "  ".join(f"{n} {x:5.1f}x" for n, x in row["compiled_speedup_vs"].items())
             print(f"        vmap+compile speed-up: {cs}  (compile + first call {compile_s:.1f} s)")
+        rates = "  ".join(f"{n} {g:5.1f}" for n, g in row["achieved_matmul_gflops"].items())
+        print(
+            f"        matmul work {row['matmul_gflop']:.3f} GFLOP; GFLOP/s reached: {rates}; "
+            f"machine: mm 1024 {peak['mm_1024']:.0f}, bmm at this shape {peak['bmm_workload_shape']:.0f} "
+            f"-> matmul floor {row['matmul_floor_s'] * 1e3:.0f} ms"
+        )
 
     mem = []
     if memory:
