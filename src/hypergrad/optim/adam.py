@@ -16,6 +16,7 @@ from hypergrad.optim._common import (
     host_value,
     is_number,
     is_zero,
+    once_per_step,
     register_states,
     safe_sqrt,
 )
@@ -83,14 +84,14 @@ def _adam_math(
     else:
         bias_correction1 = 1 - beta1**t
     bias_correction2 = 1 - beta2**t
-    step_size = lr / bias_correction1
+    step_size = once_per_step(lr / bias_correction1)
     max_sq = None
     if options["amsgrad"]:
         max_sq = torch.maximum(bufs["max_exp_avg_sq"], exp_avg_sq)  # type: ignore[arg-type]
         second = max_sq
     else:
         second = exp_avg_sq
-    denom = safe_sqrt(second) / torch.sqrt(bias_correction2) + eps
+    denom = safe_sqrt(second) / once_per_step(torch.sqrt(bias_correction2)) + eps
     if eager_step:
         new_p = torch.addcdiv(p, exp_avg, denom, value=-step_size)
     else:
