@@ -111,6 +111,7 @@ from hypergrad.unroll import (
     in_functorch_transform,
     locate_nonfinite,
     make_step,
+    multi_step,
     outer_fn,
     rng_devices,
     run_steps,
@@ -652,6 +653,26 @@ def _vmapped_step(
 # The problem: a vmapped step with round boundaries, an outer loss on the aggregate
 
 
+class _WithinRounds:
+    """The compiled multi-step of the vmapped step, kept inside one federated round.
+
+    A run of steps may start anywhere in a round (the round's prelude, the broadcast of the
+    server params, runs before it when it starts the round) and must end by the round's last
+    step: aggregation happens between rounds, outside the compiled graphs.
+    """
+
+    def __init__(self, multi: Any, steps: int, prelude: Callable[..., tuple]) -> None:
+        self.multi, self.steps, self.prelude = multi, steps, prelude
+        self.length: int = multi.length
+
+    def fits(self, k: int) -> bool:
+        return k % self.steps + self.length <= self.steps and self.multi.fits(k)
+
+    def several(self, p, s, b, a, h, tagged):
+        p, s, b = self.prelude(tagged[0][0], p, s, b, h)
+        return self.multi.several(p, s, b, a, h, tuple(batch for _, batch in tagged))
+
+
 def _setup(
     caller: str,
     inner_loss: Callable[..., Any],
@@ -713,10 +734,10 @@ def _setup(
         inner_loss, opt, has_buffers, first_order, dims, caller,
         "func" if compile else inner_grad, **vmap,
     )  # fmt: skip
-    if compile:  # the whole vmapped step (torch.func inside) is one graph; see hypergrad._compile
+    if compile:  # the vmapped step (torch.func inside) compiled, S steps per graph
         key = step_key(inner_loss, opt, has_buffers=has_buffers, first_order=first_order,
                        clients=repr(dims), vmap=(chunk_size, randomness))  # fmt: skip
-        vstep = compile_step(vstep, compile=compile, caller=caller, key=key)
+        vstep = compile_step(vstep, compile=compile, caller=caller, key=key, steps=steps)
     init_one = _vmap_trees(lambda p, h: (opt.init(p, hyperparams=h),), 1, (hp_dims,), **vmap)
 
     def vinit(p: PyTree, h: Mapping[str, Any]) -> PyTree:
@@ -728,14 +749,18 @@ def _setup(
     def init(p: PyTree, h: Mapping[str, Any]) -> PyTree:
         return spread(state, "state") if state is not None else vinit(spread(p, "params"), h)
 
-    def federated_step(p, s, b, a, h, tagged):
-        k, batch = tagged
+    def prelude(k: int, p: PyTree, s: PyTree, b: PyTree, h: Mapping[str, Any]) -> tuple:
         if k == 0:
             p, b = spread(p, "params"), spread(b, "buffers")
         elif k % steps == 0:  # a new round: aggregate, broadcast, fresh local optimizers
             p = broadcast(aggregate(p), clients)
             b = broadcast(aggregate(b), clients) if has_buffers else b
             s = vinit(p, h)
+        return p, s, b
+
+    def federated_step(p, s, b, a, h, tagged):
+        k, batch = tagged
+        p, s, b = prelude(k, p, s, b, h)
         try:
             return vstep(p, s, b, a, h, batch)
         except RuntimeError as error:
@@ -747,6 +772,7 @@ def _setup(
         assert outer is not None
         return outer(aggregate(p), aggregate(b) if has_buffers else None, a)
 
+    multi = multi_step(vstep)
     problem = Problem(
         step=federated_step,
         outer=server_outer if outer is not None else (lambda p, b, a: torch.zeros(())),
@@ -762,6 +788,7 @@ def _setup(
         hyper_names=hyper_names,
         devices=rng_devices(params),
         init=init,
+        multi=None if multi is None else _WithinRounds(multi, steps, prelude),
     )
     return problem
 
