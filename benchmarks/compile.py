@@ -8,11 +8,13 @@ The hypergradient of a validation loss with respect to per-example weights of th
 - ``mlp784``: MLP 784-256-256-10 (ReLU), cross-entropy, batch 64.
 
 For each case, in the same run: the eager time (the default ``compile=False``; its inner gradient
-is ``torch.autograd.grad``, the faster eager route), the compiled time, and the eager time of the
-same ``torch.func`` step that is compiled (``inner_grad="func"``), each the median of
-``--repeats`` calls after warm-up, and the ratios; the compile time is reported separately: the
-wall-clock time of the first compiled call (tracing, inductor codegen, C++/Triton compile and
-one run). The results are checked to agree (max relative difference).
+is ``torch.autograd.grad``, the faster eager route), the compiled time (``compile=True``: S
+steps per graph, S chosen from K, 5 for K = 20), the compiled time with one step per graph
+(``hg.Compile(steps_per_graph=1)``), and the eager time of the same ``torch.func`` step that is
+compiled (``inner_grad="func"``), each the median of ``--repeats`` calls timed in turns after a
+warm-up, and the ratios; the compile times are reported separately: the wall-clock time of the
+first call of each compiled variant (tracing, inductor codegen, C++/Triton compile and one
+run). The results are checked to agree (max relative difference).
 
 On CPU, times are CPU time of this process (``time.process_time``) with one torch thread
 (``--threads``), so that other processes on a shared machine do not distort the ratio; on CUDA
@@ -46,6 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import hypergrad as hg
+from hypergrad._compile import steps_per_graph
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # torch notes that disabling the caches (our cold-compile measurement) disables its PGO too.
@@ -110,37 +113,55 @@ def timer(device: str):
     return time.process_time
 
 
-def median_time(fn, repeats: int, clock) -> float:
-    fn()  # warm-up (the compiled path is already compiled here)
-    times = []
-    for _ in range(repeats):
-        start = clock()
+def interleaved_medians(fns: dict[str, Any], repeats: int, clock) -> dict[str, float]:
+    """Median time of each function, timed in turns (A, B, C, A, B, C, ...) after a warm-up.
+
+    Timing in turns keeps a drift of the machine's speed (a shared VM drifts by tens of
+    percent over minutes) out of the ratios.
+    """
+    for fn in fns.values():
         fn()
-        times.append(clock() - start)
-    return statistics.median(times)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = clock()
+            fn()
+            times[name].append(clock() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def run_case(model: str, opt_name: str, device: str, repeats: int) -> dict[str, Any]:
     case = make_case(model, device)
     opt = OPTIMIZERS[opt_name]()
 
-    def hypergradient(compile: bool, inner_grad: str = "auto") -> hg.Hypergradient:
+    def hypergradient(compile: Any, inner_grad: str = "auto") -> hg.Hypergradient:
         return hg.hypergrad(case["outer"], case["inner"], case["params"], opt, case["batches"],
                             case["outer_batch"], aux=case["aux"], wrt=("aux", "lr"), seed=0,
                             compile=compile, inner_grad=inner_grad)  # fmt: skip
 
-    clock = timer(device)
-    if device == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    compiled_result = hypergradient(True)
-    if device == "cuda":
-        torch.cuda.synchronize()
-    compile_s = time.perf_counter() - start
+    def first_call_s(compile: Any) -> tuple[float, hg.Hypergradient]:
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        result = hypergradient(compile)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start, result
+
+    one_per_graph = hg.Compile(steps_per_graph=1)
+    compile_s, compiled_result = first_call_s(True)
+    compile_one_s, _ = first_call_s(one_per_graph)
     eager_result = hypergradient(False)
-    eager = median_time(lambda: hypergradient(False), repeats, clock)
-    compiled = median_time(lambda: hypergradient(True), repeats, clock)
-    eager_func = median_time(lambda: hypergradient(False, "func"), repeats, clock)
+    times = interleaved_medians(
+        {
+            "eager": lambda: hypergradient(False),
+            "compiled": lambda: hypergradient(True),
+            "compiled_one": lambda: hypergradient(one_per_graph),
+            "eager_func": lambda: hypergradient(False, "func"),
+        },
+        repeats,
+        timer(device),
+    )
     scale = max(float(t.abs().max()) for t in (eager_result.aux, eager_result.hyperparams["lr"]))
     diff = max(
         float((a - b).abs().max())
@@ -152,12 +173,16 @@ def run_case(model: str, opt_name: str, device: str, repeats: int) -> dict[str, 
         "optimizer": opt_name,
         "device": device,
         "K": K,
-        "eager_ms": 1e3 * eager,
-        "compiled_ms": 1e3 * compiled,
-        "speedup": eager / compiled,
-        "eager_func_ms": 1e3 * eager_func,
-        "speedup_vs_func": eager_func / compiled,
+        "steps_per_graph": steps_per_graph(K, hg.Compile()),
+        "eager_ms": 1e3 * times["eager"],
+        "compiled_ms": 1e3 * times["compiled"],
+        "speedup": times["eager"] / times["compiled"],
+        "compiled_one_per_graph_ms": 1e3 * times["compiled_one"],
+        "speedup_one_per_graph": times["eager"] / times["compiled_one"],
+        "eager_func_ms": 1e3 * times["eager_func"],
+        "speedup_vs_func": times["eager_func"] / times["compiled"],
         "compile_s": compile_s,
+        "compile_one_per_graph_s": compile_one_s,
         "max_rel_diff": diff / scale,
     }
 
@@ -176,9 +201,9 @@ def main() -> None:
     models = ["mlp64"] if args.quick else ["mlp64", "mlp784"]
     repeats = 3 if args.quick else args.repeats
     rows = []
-    header = (f"{'model':<8} {'opt':<5} {'device':<6} {'eager ms':>9} {'compiled ms':>12} "
-              f"{'speedup':>8} {'eager-func ms':>14} {'vs func':>8} {'compile s':>10} "
-              f"{'rel diff':>9}")  # fmt: skip
+    header = (f"{'model':<8} {'opt':<5} {'device':<6} {'S':>2} {'eager ms':>9} "
+              f"{'compiled ms':>12} {'speedup':>8} {'S=1 ms':>8} {'S=1 x':>6} "
+              f"{'vs func':>8} {'compile s':>10} {'S=1 s':>6} {'rel diff':>9}")  # fmt: skip
     print(header)
     print("-" * len(header))
     for device in devices:
@@ -186,10 +211,12 @@ def main() -> None:
             for opt_name in OPTIMIZERS:
                 row = run_case(model, opt_name, device, repeats)
                 rows.append(row)
-                print(f"{model:<8} {opt_name:<5} {device:<6} {row['eager_ms']:>9.2f} "
-                      f"{row['compiled_ms']:>12.2f} {row['speedup']:>7.2f}x "
-                      f"{row['eager_func_ms']:>14.2f} {row['speedup_vs_func']:>7.2f}x "
-                      f"{row['compile_s']:>10.1f} {row['max_rel_diff']:>9.1e}", flush=True)  # fmt: skip
+                print(f"{model:<8} {opt_name:<5} {device:<6} {row['steps_per_graph']:>2} "
+                      f"{row['eager_ms']:>9.2f} {row['compiled_ms']:>12.2f} "
+                      f"{row['speedup']:>7.2f}x {row['compiled_one_per_graph_ms']:>8.2f} "
+                      f"{row['speedup_one_per_graph']:>5.2f}x {row['speedup_vs_func']:>7.2f}x "
+                      f"{row['compile_s']:>10.1f} {row['compile_one_per_graph_s']:>6.1f} "
+                      f"{row['max_rel_diff']:>9.1e}", flush=True)  # fmt: skip
     info = {
         "torch": torch.__version__,
         "python": platform.python_version(),
@@ -198,7 +225,8 @@ def main() -> None:
         "threads": args.threads,
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "cold_compile": "--warm-cache" not in sys.argv,
-        "timing": "CPU: median process_time; CUDA: median wall-clock with synchronize",
+        "timing": "CPU: median process_time; CUDA: median wall-clock with synchronize; "
+        "the variants timed in turns",
         "repeats": repeats,
     }
     out = Path(args.output)
