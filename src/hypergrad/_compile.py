@@ -480,9 +480,10 @@ class _CompiledStep:
     def fits(self, k: int) -> bool:
         """Whether steps ``k .. k+length-1`` may be tried as one graph (this entry permitting)."""
         entry = self.entry
-        return self.length > 1 and not (
-            entry is not None and (entry.failure or entry.chunk_failure or entry.draws_random)
+        known_off = entry is not None and bool(
+            entry.failure or entry.chunk_failure or entry.draws_random
         )
+        return self.length > 1 and not known_off and not _in_transform()
 
     def __call__(self, params, state, buffers, aux, hyperparams, batch):
         args = (params, state, buffers, aux, hyperparams, batch)
