@@ -343,6 +343,11 @@ class _Entry:
         self.chunk_failure: str | None = None
         self.draws_random = False
 
+    @property
+    def one_step_only(self) -> bool:
+        """Whether several steps per graph are known not to work for this step."""
+        return bool(self.failure or self.chunk_failure or self.draws_random)
+
     def chunk(self, length: int) -> Callable[..., Any]:
         if length not in self.chunks:
             name = f"{self.name}_x{length}"
@@ -479,10 +484,7 @@ class _CompiledStep:
 
     def fits(self, k: int) -> bool:
         """Whether steps ``k .. k+length-1`` may be tried as one graph (this entry permitting)."""
-        entry = self.entry
-        known_off = entry is not None and bool(
-            entry.failure or entry.chunk_failure or entry.draws_random
-        )
+        known_off = self.entry is not None and self.entry.one_step_only
         return self.length > 1 and not known_off and not _in_transform()
 
     def __call__(self, params, state, buffers, aux, hyperparams, batch):
@@ -526,7 +528,7 @@ class _CompiledStep:
         if _in_transform():
             return None
         entry = self._entry_for(params)
-        if entry.failure or entry.chunk_failure or entry.draws_random:
+        if entry.one_step_only:
             return None
         record = _records(params, state, aux, hyperparams, batches)
         settled = (_settle(params, record), _settle(state, record), buffers, aux, hyperparams)
