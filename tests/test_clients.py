@@ -8,6 +8,7 @@ by hand between rounds, and differentiates with ``torch.autograd.grad``.
 from __future__ import annotations
 
 import importlib.util
+import weakref
 from pathlib import Path
 
 import pytest
@@ -260,26 +261,33 @@ def test_unroll_equals_per_client_unrolls_and_chunks_agree():
     rounds=st.integers(1, 3),
     shared_params=st.booleans(),
     per_client_lr=st.booleans(),
+    per_client_aux=st.booleans(),
     weighted=st.booleans(),
+    chunk_size=st.one_of(st.none(), st.integers(1, 4)),
+    method=st.sampled_from(["reverse", "first_order", 1, 2]),  # an int: hg.Checkpointed(int)
 )
 def test_property_shared_or_stacked_inputs_match_the_loop(
-    clients, steps, rounds, shared_params, per_client_lr, weighted
-):
-    # A quadratic problem: client c pulls w towards t_c + aux; the server should reach 1.
+    clients, steps, rounds, shared_params, per_client_lr, per_client_aux, weighted, chunk_size,
+    method,
+):  # fmt: skip
+    # A quadratic problem: client c pulls w towards t_c + aux; the server should reach 1. The
+    # outer loss also holds aux itself. With chunk_size < clients, reverse mode goes by chunks.
     gen = torch.Generator().manual_seed(clients * 100 + steps * 10 + rounds)
     t = torch.randn(clients, 2, generator=gen, dtype=torch.float64)
     w0 = torch.randn(clients, 2, generator=gen, dtype=torch.float64)
-    aux = torch.randn(2, generator=gen, dtype=torch.float64)
+    aux = torch.randn(clients, 2, generator=gen, dtype=torch.float64)
+    aux = aux if per_client_aux else aux[0]
     lr = torch.rand(clients, generator=gen, dtype=torch.float64) * 0.3 + 0.05
     lr = lr if per_client_lr else lr[0]
     weights = torch.rand(clients, generator=gen, dtype=torch.float64) + 0.5 if weighted else None
     opt = hg.optim.sgd(lr=0.1, momentum=0.3)
+    first_order = method == "first_order"
 
     def inner(p, a, target):
         return ((p["w"] - target - a) ** 2).sum()
 
     def outer(p, a, goal):
-        return ((p["w"] - goal) ** 2).sum()
+        return ((p["w"] - goal) ** 2).sum() + 0.1 * (a**2).sum()
 
     params = {"w": w0[0]} if shared_params else {"w": w0}
     g = hg.clients.hypergrad(
@@ -298,8 +306,11 @@ def test_property_shared_or_stacked_inputs_match_the_loop(
         seed=0,
         in_dims={
             "params": None if shared_params else 0,
+            "aux": 0 if per_client_aux else None,
             "hyperparams": {"lr": 0 if per_client_lr else None},
         },
+        chunk_size=chunk_size,
+        method=hg.Checkpointed(method) if isinstance(method, int) else method,
     )
     # the reference: a loop over rounds, steps and clients with torch.autograd
     a = aux.clone().requires_grad_()
@@ -312,7 +323,8 @@ def test_property_shared_or_stacked_inputs_match_the_loop(
             server = hg.clients.fedavg(torch.stack(ws), weights)
             ws, bufs = [server] * clients, [torch.zeros(2, dtype=torch.float64)] * clients
         for c in range(clients):
-            grad = 2 * (ws[c] - t[c] - a)
+            grad = 2 * (ws[c] - t[c] - (a[c] if per_client_aux else a))
+            grad = grad.detach() if first_order else grad
             bufs[c] = grad if k % steps == 0 else 0.3 * bufs[c] + grad  # torch.optim.SGD momentum
             ws[c] = ws[c] - (lr_l[c] if per_client_lr else lr_l) * bufs[c]
     value = outer({"w": hg.clients.fedavg(torch.stack(ws), weights)}, a, torch.ones(2))
@@ -321,6 +333,167 @@ def test_property_shared_or_stacked_inputs_match_the_loop(
     torch.testing.assert_close(g.aux, ga, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(g.hyperparams["lr"], glr, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(g.params["w"], gp, rtol=1e-10, atol=1e-12)
+
+
+# --------------------------------------------------------------------------------------------
+# Reverse mode by chunks of clients (chunk_size < C)
+
+
+class SavedTensorMeter:
+    """The peak bytes of the tensors autograd keeps for the backward pass, alive at once.
+
+    Each saved tensor counts the memory its view spans; it is released when autograd drops it.
+    """
+
+    def __init__(self) -> None:
+        self.live = self.peak = 0
+
+    def pack(self, x: torch.Tensor) -> _Saved:
+        spanned = sum((d - 1) * st for d, st in zip(x.shape, x.stride())) + 1
+        size = spanned * x.element_size() if x.nelement() else 0
+        self.live += size
+        self.peak = max(self.peak, self.live)
+        box = _Saved(x)
+        weakref.finalize(box, self._release, size)
+        return box
+
+    def _release(self, size: int) -> None:
+        self.live -= size
+
+    @staticmethod
+    def unpack(box: _Saved) -> torch.Tensor:
+        return box.tensor
+
+
+class _Saved:
+    __slots__ = ("__weakref__", "tensor")
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor = tensor
+
+
+def _mlp_clients(clients: int, steps: int = 3):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 1)).double()
+    params, _ = hg.split(model)
+    aux = {"w": torch.randn(4, dtype=torch.float64)}
+    x = torch.randn(steps, clients, 10, 4, dtype=torch.float64)
+
+    def inner(p, a, xb):
+        return ((hg.call(model, p, xb).squeeze(-1) - xb @ a["w"]) ** 2).mean()
+
+    def outer(p, a, xb):
+        return (hg.call(model, p, xb) ** 2).mean()
+
+    return outer, inner, params, x, aux
+
+
+def test_chunks_bound_the_stored_graph_and_give_the_same_hypergradient():
+    outer, inner, params, x, aux = _mlp_clients(16)
+    peaks, grads = {}, {}
+    for chunk in (None, 2, 4):
+        meter = SavedTensorMeter()
+        with torch.autograd.graph.saved_tensors_hooks(meter.pack, meter.unpack):
+            g = hg.clients.hypergrad(
+                outer, inner, params, hg.optim.sgd(lr=0.1), x, x[0, 0], aux=aux,
+                in_dims={"params": None}, chunk_size=chunk, seed=0,
+            )  # fmt: skip
+        peaks[chunk], grads[chunk] = meter.peak, g.aux["w"]
+    for chunk in (2, 4):
+        torch.testing.assert_close(grads[chunk], grads[None], rtol=1e-10, atol=1e-12)
+    # whole: the graph of 16 clients; by chunks: one chunk's graph plus O(C * P) of params
+    assert peaks[2] < peaks[4] < peaks[None]
+    assert peaks[2] < 0.3 * peaks[None], peaks
+
+
+@pytest.mark.parametrize("truncate", [1, 2, 3, 5, 6, 7])
+def test_truncated_by_chunks_equals_truncated_on_all_clients(truncate):
+    # 3 rounds of 2 steps: T cuts inside a round (1, 3, 5), at a round's start (2, 6) or
+    # reaches past the first step (7)
+    outer, inner, params, x, aux = _mlp_clients(5, steps=6)
+    kwargs = dict(aux=aux, steps=2, rounds=3, method=hg.Truncated(truncate), seed=0,
+                  wrt=("aux", "lr"), in_dims={"params": None})  # fmt: skip
+    opt = hg.optim.sgd(lr=0.1, momentum=0.5)
+    whole = hg.clients.hypergrad(outer, inner, params, opt, x, x[0, 0], **kwargs)
+    chunked = hg.clients.hypergrad(outer, inner, params, opt, x, x[0, 0], chunk_size=2, **kwargs)
+    torch.testing.assert_close(chunked.aux, whole.aux, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(chunked.hyperparams, whole.hyperparams, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(chunked.value, whole.value, rtol=1e-12, atol=0)
+
+
+def _noisy_problem():
+    def inner(p, a, x):
+        return ((torch.nn.functional.dropout(p["w"], 0.3) - x - a) ** 2).sum()
+
+    def outer(p, a, goal):
+        return ((p["w"] - goal) ** 2).sum()
+
+    gen = torch.Generator().manual_seed(1)
+    data = torch.randn(2, 4, 3, generator=gen, dtype=torch.float64)  # 2 steps, 4 clients
+    params = {"w": torch.ones(3, dtype=torch.float64)}
+    aux = torch.full((3,), 0.2, dtype=torch.float64)
+    return inner, outer, params, data, aux
+
+
+def test_chunks_with_randomness():
+    inner, outer, params, data, aux = _noisy_problem()
+    opt = hg.optim.sgd(lr=0.1)
+    kwargs = dict(aux=aux, in_dims={"params": None}, seed=3)
+
+    def grad(randomness, chunk, a=aux):
+        return hg.clients.hypergrad(
+            outer, inner, params, opt, data, torch.ones(3), randomness=randomness,
+            chunk_size=chunk, **{**kwargs, "aux": a},
+        )  # fmt: skip
+
+    # "same": every client draws the same mask, so chunks change nothing
+    torch.testing.assert_close(grad("same", 1).aux, grad("same", None).aux, rtol=1e-12, atol=0)
+    # "different": each chunk draws its own masks; the result is reproducible and is the exact
+    # gradient of the function the chunked call computes (its masks fixed by the seed)
+    g = grad("different", 2)
+    torch.testing.assert_close(g.aux, grad("different", 2).aux, rtol=0, atol=0)
+    eps = 1e-6
+    for i in range(3):
+        step = torch.zeros(3, dtype=torch.float64)
+        step[i] = eps
+        fd = (grad("different", 2, aux + step).value - grad("different", 2, aux - step).value) / (
+            2 * eps
+        )
+        torch.testing.assert_close(g.aux[i], fd, rtol=1e-6, atol=1e-9)
+    # the chunks do not share masks: with the same data and start for every client, client 0
+    # (chunk 0) and client 2 (chunk 1) would otherwise get the same per-client gradient
+    per_client = hg.clients.hypergrad(
+        lambda p, a, b: (p["w"] ** 2).sum(), inner, {"w": torch.ones(4, 3, dtype=torch.float64)},
+        opt, data[:, :1].expand(2, 4, 3), None, aux=aux, wrt="params", aggregate=lambda t: t,
+        randomness="different", chunk_size=2, seed=3,
+    ).params["w"]  # fmt: skip
+    assert not torch.allclose(per_client[0], per_client[2])
+    assert not torch.allclose(per_client[0], per_client[1])
+
+
+@pytest.mark.parametrize("chunk", [0, -1, 1.5, True, "2"])
+def test_chunk_size_must_be_a_positive_int(chunk):
+    loss, params, data = _quad()
+    with pytest.raises(ValueError, match=r"hg.clients.hypergrad: chunk_size must be a positive"):
+        hg.clients.hypergrad(loss, loss, params, hg.optim.sgd(lr=0.1), data, None,
+                             wrt="params", chunk_size=chunk)  # fmt: skip
+
+
+def test_chunks_refuse_buffers_that_depend_differentiably_on_the_params():
+    # an exponential moving average of the weights, carried as a buffer
+    def inner(p, a, x, b):
+        return ((p["w"] - x - a) ** 2).sum(), {"ema": 0.9 * b["ema"] + 0.1 * p["w"]}
+
+    def outer(p, a, goal, b):
+        return ((b["ema"] - goal) ** 2).sum()
+
+    params = {"w": torch.zeros(4, 2)}
+    buffers = {"ema": torch.zeros(4, 2)}
+    args = (outer, inner, params, hg.optim.sgd(lr=0.1), torch.ones(3, 4, 2), torch.ones(2))
+    whole = hg.clients.hypergrad(*args, aux=torch.zeros(2), buffers=buffers)
+    assert hg.tree.norm(whole.aux) > 0  # the gradient does flow through the buffer
+    with pytest.raises(ValueError, match=r"buffers are carried as values, but these buffers"):
+        hg.clients.hypergrad(*args, aux=torch.zeros(2), buffers=buffers, chunk_size=2)
 
 
 # --------------------------------------------------------------------------------------------

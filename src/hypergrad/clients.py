@@ -89,6 +89,7 @@ import torch
 from torch import nn
 
 from hypergrad import tree as _tree
+from hypergrad._client_chunks import Federation, by_chunks, chunkable
 from hypergrad._compile import check_compile, compile_step, step_key
 from hypergrad.hypergradient import (
     Hypergradient,
@@ -102,6 +103,7 @@ from hypergrad.optim._base import Optimizer
 from hypergrad.tree import PyTree
 from hypergrad.unroll import (
     Batches,
+    Carry,
     Problem,
     Trajectory,
     all_finite,
@@ -673,6 +675,17 @@ class _WithinRounds:
         return self.multi.several(p, s, b, a, h, tuple(batch for _, batch in tagged))
 
 
+def _check_chunk_size(chunk_size: Any, caller: str) -> int | None:
+    if chunk_size is not None and (
+        not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1
+    ):
+        raise ValueError(
+            f"{caller}: chunk_size must be a positive int (clients per chunk) or None (all "
+            f"clients at once), got {chunk_size!r}."
+        )
+    return chunk_size
+
+
 def _setup(
     caller: str,
     inner_loss: Callable[..., Any],
@@ -698,7 +711,9 @@ def _setup(
     targets: tuple[str, ...] = (),
     hyper_names: tuple[str, ...] = (),
     compile: bool | str = False,
-) -> Problem:
+    by_chunk: bool = False,
+) -> Federation:
+    """Check the inputs and build the clients problem (``by_chunk``: vmap whole chunks)."""
     if not isinstance(rounds, int) or isinstance(rounds, bool) or rounds < 1:
         raise ValueError(f"{caller}: rounds must be a positive int, got {rounds!r}.")
     if randomness not in _RANDOMNESS:
@@ -727,7 +742,7 @@ def _setup(
         steps = source.steps // rounds
     clients = _count_clients(caller, dims, params, state, buffers, hp, weights, source.at(0))
     has_buffers = buffers is not None
-    vmap = dict(chunk_size=chunk_size, randomness=randomness)
+    vmap = dict(chunk_size=None if by_chunk else chunk_size, randomness=randomness)
     hp_dims = dims["hyperparams"]
     compile = check_compile(compile, caller=caller)
     vstep = _vmapped_step(
@@ -736,7 +751,7 @@ def _setup(
     )  # fmt: skip
     if compile:  # the vmapped step (torch.func inside) compiled, S steps per graph
         key = step_key(inner_loss, opt, has_buffers=has_buffers, first_order=first_order,
-                       clients=repr(dims), vmap=(chunk_size, randomness))  # fmt: skip
+                       clients=repr(dims), vmap=tuple(vmap.values()))  # fmt: skip
         vstep = compile_step(vstep, compile=compile, caller=caller, key=key, steps=steps)
     init_one = _vmap_trees(lambda p, h: (opt.init(p, hyperparams=h),), 1, (hp_dims,), **vmap)
 
@@ -758,15 +773,18 @@ def _setup(
             s = vinit(p, h)
         return p, s, b
 
-    def federated_step(p, s, b, a, h, tagged):
-        k, batch = tagged
-        p, s, b = prelude(k, p, s, b, h)
+    def guarded_step(p, s, b, a, h, batch):
         try:
             return vstep(p, s, b, a, h, batch)
         except RuntimeError as error:
             if any(marker in str(error) for marker in _VMAP_INPLACE):
                 raise _vmap_error(error, caller) from error
             raise
+
+    def federated_step(p, s, b, a, h, tagged):
+        k, batch = tagged
+        p, s, b = prelude(k, p, s, b, h)
+        return guarded_step(p, s, b, a, h, batch)
 
     def server_outer(p: PyTree, b: PyTree, a: PyTree) -> torch.Tensor:
         assert outer is not None
@@ -790,7 +808,23 @@ def _setup(
         init=init,
         multi=None if multi is None else _WithinRounds(multi, steps, prelude),
     )
-    return problem
+    return Federation(
+        problem=problem,
+        step=guarded_step,
+        multi=multi,
+        init=vinit,
+        start=lambda: Carry(
+            spread(params, "params"), spread(state, "state"), spread(buffers, "buffers")
+        ),
+        aggregate=aggregate,
+        server_outer=server_outer,
+        batch_at=source.at,
+        clients=clients,
+        steps=steps,
+        rounds=rounds,
+        dims=dims,
+        randomness=randomness,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -892,7 +926,7 @@ def unroll(
         seed=seed,
         first_order=False,
         compile=compile,
-    )
+    ).problem
     carry, aux_in, hp_in = problem.bind({})
     carry, losses = run_steps(problem, carry, aux_in, hp_in, 0, problem.steps)
     stacked = torch.stack(losses)
@@ -1002,7 +1036,8 @@ def hypergrad(
         hp[name] = _to_tensor(hp[name], first.dtype, first.device)
     if "aux" in targets:
         _check_float(aux, "aux", caller)
-    problem = _setup(
+    by_chunk = _check_chunk_size(chunk_size, caller) is not None and chunkable(how)
+    federation = _setup(
         caller,
         inner_loss,
         params,
@@ -1026,9 +1061,14 @@ def hypergrad(
         targets=targets,
         hyper_names=names,
         compile=compile,
+        by_chunk=by_chunk,
     )
+    problem = federation.problem
     how.validate(problem, caller=caller)
-    result = how(problem)
+    if by_chunk and chunk_size < federation.clients:
+        result = by_chunks(federation, how, chunk_size, caller=caller)
+    else:
+        result = how(problem)
     if check_finite:
         grads = [g for g in _tree.leaves(result.grads) if isinstance(g, torch.Tensor)]
         if not all_finite(result.value, result.losses, *grads):
