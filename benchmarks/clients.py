@@ -7,8 +7,12 @@ we take the gradient of the server's validation loss with respect to the auxilia
 * ``vmap``: ``hg.clients.hypergrad`` (one vectorised unroll, reverse mode);
 * ``vmap+compile`` (with ``--compile``): the same with ``compile=True``; the first call
   (compilation) is timed apart and any eager fallback is recorded in the JSON;
+* ``vmap chunk_size=32`` (C > 32): the same by chunks of 32 clients: reverse mode one chunk at
+  a time, memory bounded by the chunk (see the memory table), at the price of a forward pass;
 * ``loop``: a Python loop over clients with hand-written autograd
   (``torch.autograd.grad(create_graph=True)`` and ``p - lr * g``), the baseline;
+* ``torch.func prototype``: the issue's reference, plain ``torch.func`` (``vmap`` of a K-step
+  ``grad`` loop), no library: what ``hg.clients`` costs over a one-off vectorised script;
 * ``higher`` / ``torchopt``: the same loop with ``higher.innerloop_ctx`` / ``torchopt.MetaSGD``
   (skipped when not importable; timed up to ``--peers-up-to`` clients, since they are several
   times slower than the hand-written loop).
@@ -26,7 +30,8 @@ that moment is reported. Writes
 ``benchmarks/results/clients.json`` and a log-log plot ``benchmarks/results/clients.png``.
 Targets: vmap >= 10x the loop at C = 32 and >= 20x at C = 128.
 
-Run: ``python benchmarks/clients.py`` (``--quick`` for a smoke run)
+Run: ``python benchmarks/clients.py --compile`` (both cores, torch's default here: writes
+``clients.json``); ``--threads 1`` writes ``clients-threads1.json``; ``--quick`` for a smoke run.
 """
 
 from __future__ import annotations
@@ -109,6 +114,13 @@ def run_vmap_compiled(w: dict) -> torch.Tensor:
 
 
 FALLBACKS: list[str] = []
+CHUNK = 32  # the chunk_size of the chunked row (memory bounded by it; see the memory table)
+DEFAULT_THREADS = 2  # this 2-core machine's torch default
+
+
+def run_vmap_chunked(w: dict) -> torch.Tensor:
+    """``hg.clients.hypergrad(chunk_size=CHUNK)``: reverse mode chunk by chunk (bounded memory)."""
+    return run_vmap(w, chunk_size=CHUNK)
 
 
 def _server_grad(w: dict, finals: list[list[torch.Tensor]], aux: list[torch.Tensor]):
@@ -172,8 +184,37 @@ def run_torchopt(w: dict) -> torch.Tensor:
     return _server_grad(w, finals, aux)
 
 
+def run_func_prototype(w: dict) -> torch.Tensor:
+    """The issue's reference: plain ``torch.func``, one vmap over a K-step client function.
+
+    Each client takes ``torch.func.grad`` steps inside ``vmap`` (no library); the server's loss
+    is differentiated with ``torch.autograd.grad``. It shows what the library costs over a
+    hand-written vectorised prototype of this one workload.
+    """
+    model, aux_model = w["model"], w["aux_model"]
+    aux = {k: p.detach().clone().requires_grad_() for k, p in aux_model.named_parameters()}
+    init = {k: p.detach() for k, p in model.named_parameters()}
+
+    def inner(p, a, xb, yb):
+        target = torch.func.functional_call(aux_model, a, (xb,))
+        return inner_value(torch.func.functional_call(model, p, (xb,)), target, yb)
+
+    def client(x, y, a):  # x: (K, B, DIM), one client's batches
+        p = init
+        for k in range(K):
+            g = torch.func.grad(inner)(p, a, x[k], y[k])
+            p = {n: p[n] - LR * g[n] for n in p}
+        return p
+
+    finals = torch.func.vmap(client, in_dims=(1, 1, None))(w["x"], w["y"], aux)
+    server = {n: v.mean(0) for n, v in finals.items()}
+    vx, vy = w["val"]
+    value = ((torch.func.functional_call(model, server, (vx,)) - vy) ** 2).mean()
+    return torch.autograd.grad(value, aux["weight"])[0]
+
+
 def peers() -> dict:
-    out = {"loop": run_loop}
+    out = {"loop": run_loop, "torch.func prototype": run_func_prototype}
     for name, fn in (("higher", run_higher), ("torchopt", run_torchopt)):
         try:
             __import__(name)
@@ -294,6 +335,9 @@ def main(
     runners = {"vmap": run_vmap, **peers()}
     if compiled:
         runners["vmap+compile"] = run_vmap_compiled
+    chunked = f"vmap chunk_size={CHUNK}"
+    runners[chunked] = run_vmap_chunked
+    ours = ("vmap", "vmap+compile", chunked)
     for clients in sizes if timing else ():
         w = workload(clients)
         reference = run_loop(w)
@@ -308,7 +352,9 @@ def main(
             {
                 name: (lambda fn=fn, w=w: fn(w))
                 for name, fn in runners.items()
-                if name in ("vmap", "loop", "vmap+compile") or clients <= peers_up_to
+                if name in ("vmap", "loop", "vmap+compile", "torch.func prototype")
+                or (name == chunked and clients > CHUNK)
+                or (name not in ours and clients <= peers_up_to)
             },
             repeats,
         )
@@ -322,17 +368,17 @@ def main(
         if compile_s is not None:
             row["compile_and_first_call_s"] = compile_s
             row["compile_fallbacks"] = sorted(set(FALLBACKS))
-        others = [n for n in times if n not in ("vmap", "vmap+compile")]
-        row["speedup_vs"] = {n: times[n] / times["vmap"] for n in others}
-        if "vmap+compile" in times:
-            row["compiled_speedup_vs"] = {n: times[n] / times["vmap+compile"] for n in others}
+        baselines = [n for n in times if n not in ours]
+        row["speedups"] = {
+            mine: {n: times[n] / times[mine] for n in baselines} for mine in ours if mine in times
+        }
         rows.append(row)
-        speed = "  ".join(f"{n} {s:5.1f}x" for n, s in row["speedup_vs"].items())
         print(f"C={clients:4d}  " + "  ".join(f"{n} {t:7.3f}s" for n, t in times.items()))
-        print(f"        vmap speed-up: {speed}")
-        if "compiled_speedup_vs" in row:
-            cs = "  ".join(f"{n} {x:5.1f}x" for n, x in row["compiled_speedup_vs"].items())
-            print(f"        vmap+compile speed-up: {cs}  (compile + first call {compile_s:.1f} s)")
+        for mine, vs in row["speedups"].items():
+            speed = "  ".join(f"{n} {x:5.1f}x" for n, x in vs.items())
+            print(f"        {mine} speed-up: {speed}")
+        if compile_s is not None:
+            print(f"        compile + first call {compile_s:.1f} s")
         rates = "  ".join(f"{n} {g:5.1f}" for n, g in row["achieved_matmul_gflops"].items())
         print(
             f"        matmul work {row['matmul_gflop']:.3f} GFLOP; GFLOP/s reached: {rates}; "
@@ -347,6 +393,7 @@ def main(
         big = max(sizes)
         configs += [("unroll", big, None)] + [("unroll", big, ch) for ch in (8, 32)]
         configs += [("vmap", big, ch) for ch in (8, 32)]
+        configs += [("vmap", 4 * big, ch) for ch in (None, 8, 32)]  # bounded by chunk_size
         for mode, clients, chunk in configs:
             mib = measure_memory(mode, clients, chunk)
             mem.append({"mode": mode, "clients": clients, "chunk_size": chunk, "peak_mib": mib})
@@ -361,7 +408,10 @@ def main(
         "memory": mem,
         "targets": {"C=32": ">= 10x vs loop", "C=128": ">= 20x vs loop"},
     }  # fmt: skip
-    out = os.path.join(HERE, "results", "clients.json")
+    # torch's default on this machine (both cores) writes clients.json; other thread counts
+    # write clients-threads<N>.json beside it
+    name = "clients" if threads == DEFAULT_THREADS else f"clients-threads{threads}"
+    out = os.path.join(HERE, "results", f"{name}.json")
     if not timing:  # --memory-only: keep the timings of the last full run
         with open(out) as f:
             result = {**json.load(f), "memory": mem}
@@ -369,7 +419,7 @@ def main(
     with open(out, "w") as f:
         json.dump(result, f, indent=2)
     if timing:
-        plot(rows, os.path.join(HERE, "results", "clients.png"))
+        plot(rows, os.path.join(HERE, "results", f"{name}.png"))
     return result
 
 
@@ -398,7 +448,7 @@ def plot(rows: list[dict], path: str) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=DEFAULT_THREADS)
     parser.add_argument("--quick", action="store_true", help="C in {4, 8}, one repeat, no memory")
     parser.add_argument("--peers-up-to", type=int, default=32)
     parser.add_argument("--memory-only", action="store_true", help="rerun the memory probes only")

@@ -465,3 +465,21 @@ def test_clients_chunks_fit_inside_a_round():
 
     within = hg.clients._WithinRounds(Multi(), 3, prelude=None)
     assert [within.fits(k) for k in range(6)] == [True, True, False, True, True, False]
+
+
+@THOROUGH_ONLY
+def test_clients_by_chunks_compile_each_chunk_shape():
+    # chunk_size=2 over 3 clients: the chunks' rounds run compiled, at 2 and at 1 client
+    base = problem()
+    clients = 3
+    params = {k: torch.stack([v * (1 + 0.1 * c) for c in range(clients)]) for k, v in
+              base["params"].items()}  # fmt: skip
+    batches = tuple(torch.cat([torch.stack([b] * clients, dim=1)] * 2) for b in base["batches"])
+    kwargs = dict(outer_loss=outer, inner_loss=rounds_inner, params=params, opt=OPTIMIZERS["sgd"],
+                  batches=batches, outer_batch=base["outer_batch"], aux=base["aux"], seed=7,
+                  wrt=("aux", "lr"), rounds=2)  # fmt: skip
+    eager = hg.clients.hypergrad(**kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", hg.CompileFallbackWarning)
+        compiled = hg.clients.hypergrad(**kwargs, chunk_size=2, compile=True)
+    assert_close(compiled, eager, torch.float64)

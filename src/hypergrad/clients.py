@@ -72,11 +72,16 @@ Clients with different data sizes
 :func:`batches` turns them into per-step batches ``(data, mask)`` (full batch or sampled
 mini-batches); :func:`masked_mean` averages a per-example loss over the real examples only.
 
-Cost: one vmapped step costs about as much as one step of a model C times wider; memory of a
-reverse-mode hypergradient is ``O(K * C * A)``. ``chunk_size`` (as in vmap) runs the clients in
-chunks inside each step, bounding the step's working memory (``chunk_size * A_1``) at the price
-of less vectorisation; it does not shrink what reverse mode stores per step (use
-``hg.Checkpointed`` for that).
+Cost and ``chunk_size``
+-----------------------
+One vmapped step costs about as much as one step of a model C times wider; memory of a
+reverse-mode hypergradient is ``O(K * C * A)``. With ``chunk_size=n < C``,
+:func:`hypergrad` takes a reverse-mode hypergradient (``"reverse"``, ``hg.Truncated``,
+``hg.Checkpointed``, ``"first_order"``) one chunk of n clients at a time: the clients first
+run forward without a graph, then each chunk's round is run again and differentiated on its own
+(``hypergrad._client_chunks``). Memory becomes ``O(K * n * A + R * C * P)``, at the price of
+one more forward pass. Elsewhere (``"forward"``, :func:`unroll`) ``chunk_size`` is vmap's: the
+clients of each step run in chunks, bounding that step's working memory.
 """
 
 from __future__ import annotations
@@ -995,8 +1000,10 @@ def hypergrad(
         rounds: R federated rounds.
         aggregate: ``fn(stacked_tree) -> tree``; default :func:`fedavg` with ``weights``.
         weights: FedAvg weights, one per client.
-        chunk_size: as in ``torch.func.vmap``.
-        randomness: as in ``torch.func.vmap``.
+        chunk_size: clients per chunk. With a reverse-mode method the hypergradient is taken
+            chunk by chunk (memory bounded by the chunk, one extra forward pass; see
+            :mod:`hypergrad.clients`); with ``"forward"`` it is vmap's ``chunk_size``.
+        randomness: as in ``torch.func.vmap`` (with chunks, each chunk draws its own numbers).
         seed: base seed of the steps' random numbers.
         check_finite: check once that the result is finite; name the step and key if not.
         compile: compile the vmapped step with ``torch.compile``, as in ``hg.hypergrad``
@@ -1006,7 +1013,8 @@ def hypergrad(
         ``Hypergradient(value, aux, hyperparams, params)``.
 
     Raises:
-        ValueError: bad ``wrt``/``in_dims``, inconsistent client counts, a non-scalar loss.
+        ValueError: bad ``wrt``/``in_dims``/``chunk_size``, inconsistent client counts, a
+            non-scalar loss, or (with chunks) buffers that depend differentiably on the params.
         TypeError: a differentiated leaf that is not a floating-point tensor.
         RuntimeError: a module that updates its own buffers in place (names it, gives the fix).
         FloatingPointError: a nan/inf loss, update or hypergradient.
