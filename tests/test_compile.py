@@ -433,18 +433,22 @@ def rounds_inner(p, aux, batch):
     return inner(p, aux, batch)
 
 
+def clients_problem(clients: int) -> dict:
+    """``hg.clients.hypergrad`` arguments: two rounds of the single-model problem's steps."""
+    base = problem()
+    params = {k: torch.stack([v * (1 + 0.1 * c) for c in range(clients)]) for k, v in
+              base["params"].items()}  # fmt: skip
+    batches = tuple(torch.cat([torch.stack([b] * clients, dim=1)] * 2) for b in base["batches"])
+    return dict(outer_loss=outer, inner_loss=rounds_inner, params=params, opt=OPTIMIZERS["sgd"],
+                batches=batches, outer_batch=base["outer_batch"], aux=base["aux"], seed=7,
+                wrt=("aux", "lr"), rounds=2)  # fmt: skip
+
+
 def test_clients_runs_of_steps_stay_inside_federated_rounds():
     # hg.clients compiles its vmapped step (torch.func.vmap of the engine step). Two rounds of
     # K = 3 local steps in graphs of 2 steps: steps 0-1 as one graph, step 2 alone (a graph may
     # not cross the aggregation after it), then 3-4 (after the server's broadcast) and 5 alone.
-    base = problem()
-    clients = 2
-    params = {k: torch.stack([v * (1 + 0.1 * c) for c in range(clients)]) for k, v in
-              base["params"].items()}  # fmt: skip
-    batches = tuple(torch.cat([torch.stack([b] * clients, dim=1)] * 2) for b in base["batches"])
-    kwargs = dict(outer_loss=outer, inner_loss=rounds_inner, params=params, opt=OPTIMIZERS["sgd"],
-                  batches=batches, outer_batch=base["outer_batch"], aux=base["aux"], seed=7,
-                  wrt=("aux", "lr"), rounds=2)  # fmt: skip
+    kwargs = clients_problem(clients=2)
     eager = hg.clients.hypergrad(**kwargs)
     with warnings.catch_warnings():
         warnings.simplefilter("error", hg.CompileFallbackWarning)
@@ -470,14 +474,7 @@ def test_clients_chunks_fit_inside_a_round():
 @THOROUGH_ONLY
 def test_clients_by_chunks_compile_each_chunk_shape():
     # chunk_size=2 over 3 clients: the chunks' rounds run compiled, at 2 and at 1 client
-    base = problem()
-    clients = 3
-    params = {k: torch.stack([v * (1 + 0.1 * c) for c in range(clients)]) for k, v in
-              base["params"].items()}  # fmt: skip
-    batches = tuple(torch.cat([torch.stack([b] * clients, dim=1)] * 2) for b in base["batches"])
-    kwargs = dict(outer_loss=outer, inner_loss=rounds_inner, params=params, opt=OPTIMIZERS["sgd"],
-                  batches=batches, outer_batch=base["outer_batch"], aux=base["aux"], seed=7,
-                  wrt=("aux", "lr"), rounds=2)  # fmt: skip
+    kwargs = clients_problem(clients=3)
     eager = hg.clients.hypergrad(**kwargs)
     with warnings.catch_warnings():
         warnings.simplefilter("error", hg.CompileFallbackWarning)
