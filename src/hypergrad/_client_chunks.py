@@ -17,8 +17,10 @@ round need not hold every client at once. :func:`by_chunks` differentiates in tw
    flows back through the aggregation into the previous round's final params.
 
 Memory is the graph of one chunk's round, ``O(chunk_size * K * A)``, plus the kept params: it no
-longer grows with C beyond the params themselves. Time is one more forward pass of the clients.
-Each chunk draws its own random numbers: step ``k`` of chunk ``j`` runs with seed
+longer grows with C beyond the params themselves. Time is one more forward pass of the clients,
+and the vectorised calls are smaller (2.0-2.4x the unchunked time for 128 clients in chunks of
+32 in ``benchmarks/clients.py``). Each chunk draws its own random numbers: step ``k`` (counted
+over all rounds) of chunk ``j`` runs with seed
 ``seed + k + j * (R * K + 1)`` under ``randomness="different"`` (so clients in different chunks
 do not share noise), and ``seed + k`` otherwise; both passes see the same numbers.
 
@@ -86,7 +88,12 @@ class Federation(NamedTuple):
 
 
 def chunkable(method: Method) -> bool:
-    """Whether :func:`by_chunks` can run ``method`` (the reverse-mode family, not forward)."""
+    """Whether :func:`by_chunks` can run ``method`` (the reverse-mode family, not forward).
+
+    Examples:
+        >>> chunkable(hg.Checkpointed(2)), chunkable(hg.Forward(1))
+        (True, False)
+    """
     return type(method) in _CHUNKABLE
 
 
@@ -209,6 +216,20 @@ def by_chunks(fed: Federation, how: Method, chunk_size: int, *, caller: str) -> 
 
     The result equals ``how`` on the whole problem (to rounding; with ``randomness="different"``
     the chunks draw their own random numbers, see the module docstring).
+
+    Examples:
+        ``hg.clients.hypergrad`` calls it when ``chunk_size`` is below the number of clients:
+
+        >>> inner = lambda p, a, t: ((p["w"] - t - a) ** 2).sum()
+        >>> outer = lambda server, a, t: ((server["w"] - t) ** 2).sum()
+        >>> targets = torch.arange(4.0).view(1, 4, 1).expand(5, 4, 1)  # 5 steps, 4 clients
+        >>> args = (outer, inner, {"w": torch.zeros(1)}, hg.optim.sgd(lr=0.1), targets,
+        ...         torch.tensor([1.0]))
+        >>> kwargs = dict(aux=torch.tensor([0.5]), in_dims={"params": None})
+        >>> whole = hg.clients.hypergrad(*args, **kwargs)
+        >>> by_two = hg.clients.hypergrad(*args, **kwargs, chunk_size=2)
+        >>> torch.allclose(whole.aux, by_two.aux)
+        True
     """
     problem, K, R, C = fed.problem, fed.steps, fed.rounds, fed.clients
     dims = fed.dims
