@@ -324,11 +324,12 @@ def measure_memory(mode: str, clients: int, chunk: int | None) -> float:
 def main(
     sizes=(8, 32, 128),
     repeats: int = 3,
-    threads: int = 2,
+    threads: int = DEFAULT_THREADS,
     memory: bool = True,
     peers_up_to=32,
     timing: bool = True,
     compiled: bool = False,
+    write: bool = True,
 ) -> dict:
     torch.set_num_threads(threads)
     rows = []
@@ -342,6 +343,9 @@ def main(
         w = workload(clients)
         reference = run_loop(w)
         torch.testing.assert_close(run_vmap(w), reference, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(run_func_prototype(w), reference, rtol=1e-4, atol=1e-6)
+        if clients > CHUNK:
+            torch.testing.assert_close(run_vmap_chunked(w), reference, rtol=1e-4, atol=1e-6)
         compile_s = None
         FALLBACKS.clear()  # each row records its own fallbacks
         if compiled:  # the first call compiles: timed here, not in the medians below
@@ -412,6 +416,8 @@ def main(
     # write clients-threads<N>.json beside it
     name = "clients" if threads == DEFAULT_THREADS else f"clients-threads{threads}"
     out = os.path.join(HERE, "results", f"{name}.json")
+    if not write:  # --quick: a smoke run leaves the committed results alone
+        return result
     if not timing:  # --memory-only: keep the timings of the last full run
         with open(out) as f:
             result = {**json.load(f), "memory": mem}
@@ -449,7 +455,9 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=DEFAULT_THREADS)
-    parser.add_argument("--quick", action="store_true", help="C in {4, 8}, one repeat, no memory")
+    parser.add_argument(
+        "--quick", action="store_true", help="C in {4, 8}, one repeat, no memory, nothing written"
+    )
     parser.add_argument("--peers-up-to", type=int, default=32)
     parser.add_argument("--memory-only", action="store_true", help="rerun the memory probes only")
     parser.add_argument("--probe", nargs=3, help=argparse.SUPPRESS)
@@ -464,7 +472,9 @@ if __name__ == "__main__":
     elif args.memory_only:
         main(threads=args.threads, timing=False)
     elif args.quick:
-        main(sizes=(4, 8), repeats=1, threads=args.threads, memory=False, peers_up_to=4)
+        main(
+            sizes=(4, 8), repeats=1, threads=args.threads, memory=False, peers_up_to=4, write=False
+        )
     else:
         main(
             repeats=args.repeats,
