@@ -48,6 +48,7 @@ import time
 import warnings
 
 import torch
+from _timing import interleaved_medians
 from torch import nn
 
 import hypergrad as hg
@@ -222,23 +223,6 @@ def peers() -> dict:
         except ImportError:
             print(f"({name} not importable: skipped)")
     return out
-
-
-def interleaved_medians(fns: dict, repeats: int) -> dict[str, float]:
-    """Median seconds of each function, the functions alternating within every repeat.
-
-    Timings on a shared VM drift by up to 1.5x between minutes; alternating the runners makes
-    each ratio compare runs taken seconds apart, not minutes.
-    """
-    for fn in fns.values():
-        fn()  # warm-up
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def matmul_flops(fn) -> int:

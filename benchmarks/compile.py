@@ -33,7 +33,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 import warnings
@@ -45,6 +44,7 @@ if "--warm-cache" not in sys.argv:  # must be set before torch._inductor reads i
 
 import torch
 import torch.nn.functional as F
+from _timing import interleaved_medians
 from torch import nn
 
 import hypergrad as hg
@@ -113,23 +113,6 @@ def timer(device: str):
     return time.process_time
 
 
-def interleaved_medians(fns: dict[str, Any], repeats: int, clock) -> dict[str, float]:
-    """Median time of each function, timed in turns (A, B, C, A, B, C, ...) after a warm-up.
-
-    Timing in turns keeps a drift of the machine's speed (a shared VM drifts by tens of
-    percent over minutes) out of the ratios.
-    """
-    for fn in fns.values():
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = clock()
-            fn()
-            times[name].append(clock() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
 def run_case(model: str, opt_name: str, device: str, repeats: int) -> dict[str, Any]:
     case = make_case(model, device)
     opt = OPTIMIZERS[opt_name]()
@@ -160,7 +143,7 @@ def run_case(model: str, opt_name: str, device: str, repeats: int) -> dict[str, 
             "eager_func": lambda: hypergradient(False, "func"),
         },
         repeats,
-        timer(device),
+        clock=timer(device),
     )
     scale = max(float(t.abs().max()) for t in (eager_result.aux, eager_result.hyperparams["lr"]))
     diff = max(

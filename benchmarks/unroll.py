@@ -43,6 +43,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from _timing import interleaved_medians
 from torch import nn
 
 import hypergrad as hg
@@ -187,25 +188,6 @@ def _importable(name: str) -> bool:
     return True
 
 
-def interleaved_medians(
-    fns: dict[str, Any], repeats: int, warm_up: bool = True
-) -> dict[str, float]:
-    """Median time of each function; a warm-up each, then rounds that run every function once.
-
-    Interleaving keeps the ratios honest when the machine's load drifts during the run.
-    """
-    if warm_up:
-        for fn in fns.values():
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = CLOCK()
-            fn()
-            times[name].append(CLOCK() - start)
-    return {name: statistics.median(ts) for name, ts in times.items()}
-
-
 def time_table(ks: list[int], repeats: int, models: list[str]) -> list[dict[str, Any]]:
     contenders = {"hg_reverse": run_hg, "hand_written": run_hand}
     for name, fn in (("higher", run_higher), ("torchopt", run_torchopt)):
@@ -232,7 +214,7 @@ def time_table(ks: list[int], repeats: int, models: list[str]) -> list[dict[str,
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     # warm up once per (model, optimizer): later K reuse the same kernels
-                    medians = interleaved_medians(fns, repeats, warm_up=k == ks[0])
+                    medians = interleaved_medians(fns, repeats, clock=CLOCK, warm_up=k == ks[0])
                 plain = medians["plain"]
                 row: dict[str, Any] = {"model": model_name, "opt": family, "K": k,
                                        "plain_s": plain}  # fmt: skip
@@ -338,7 +320,7 @@ def memory_child(method_name: str, k: int, timing: bool = False) -> None:
     if timing:  # interleaved with "reverse", median of 3, no sampler thread
         reverse = memory_methods(k)["reverse"]
         fns = {"reverse": lambda: run(k, reverse), method_name: lambda: run(k)}
-        print(json.dumps(interleaved_medians(fns, 3, warm_up=False)))
+        print(json.dumps(interleaved_medians(fns, 3, clock=CLOCK, warm_up=False)))
         return
     live = _live_bytes_fn()
     with open("/proc/self/clear_refs", "w") as f:
