@@ -81,16 +81,19 @@ derivatives of a trajectory.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
+import sys
 import threading
 import types
 import warnings
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
 from typing import Any
 
 import torch
 
 from hypergrad import tree as _tree
+from hypergrad._warnings import torch_notices_hidden
 from hypergrad.optim._base import Optimizer
 
 __all__ = [
@@ -278,6 +281,19 @@ def step_key(inner_loss: Callable[..., Any], opt: Optimizer, **static: Any) -> H
         return None
 
 
+@contextlib.contextmanager
+def _tracing_notices_hidden() -> Iterator[None]:
+    """Run a compiled call with torch's notices about itself hidden (see ``hypergrad._warnings``).
+
+    Dynamo also reads ``.grad`` of non-leaf inputs while tracing and discards the warning that
+    raises (torch/_dynamo/side_effects.py, ``catch_warnings(record=True)``); under an "error"
+    filter (pytest's filterwarnings, ``-W error``) it would abort the compile instead.
+    """
+    with torch_notices_hidden(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_NON_LEAF_GRAD, category=UserWarning)
+        yield
+
+
 def _import_inductor() -> None:
     """Import inductor once, hiding the deprecation warning torch's own import chain emits.
 
@@ -285,10 +301,7 @@ def _import_inductor() -> None:
     ``torch.utils.mkldnn``, which warns that ``torch.jit.script_method`` is deprecated (torch's
     code, not the user's); under ``-W error`` that warning would abort the first compile.
     """
-    with warnings.catch_warnings():
-        warnings.filterwarnings(
-            "ignore", message=r".*torch\.jit\.script.*deprecated", category=DeprecationWarning
-        )
+    with torch_notices_hidden():
         import torch._inductor.compile_fx  # noqa: F401
 
 
@@ -299,7 +312,10 @@ def _with_own_code(fn: Callable[..., Any], name: str) -> Callable[..., Any]:
     engine step shares the code of one nested function, so each entry (and each chunk length)
     gets a fresh code object.
     """
-    code = fn.__code__.replace(co_name=name, co_qualname=name)
+    renames = {"co_name": name}
+    if sys.version_info >= (3, 11):  # code objects have a qualified name from Python 3.11
+        renames["co_qualname"] = name
+    code = fn.__code__.replace(**renames)
     own = types.FunctionType(code, fn.__globals__, name, None, fn.__closure__)
     own.__qualname__ = name
     return own
@@ -504,12 +520,7 @@ class _CompiledStep:
         record = _records(params, state, aux, hyperparams, batch)
         settled = (_settle(params, record), _settle(state, record), *args[2:])
         try:
-            with warnings.catch_warnings():
-                # Dynamo reads .grad of non-leaf inputs while tracing and discards the warning
-                # that raises (torch/_dynamo/side_effects.py, catch_warnings(record=True));
-                # under an "error" filter (pytest's filterwarnings, -W error) it would abort
-                # the compile instead.
-                warnings.filterwarnings("ignore", message=_NON_LEAF_GRAD, category=UserWarning)
+            with _tracing_notices_hidden():
                 return entry.fn(*settled)
         except Exception as error:
             # Dynamo restores the RNG state after tracing, so the eager step sees the same random
@@ -534,8 +545,7 @@ class _CompiledStep:
         settled = (_settle(params, record), _settle(state, record), buffers, aux, hyperparams)
         before = _generator_states(params)
         try:
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=_NON_LEAF_GRAD, category=UserWarning)
+            with _tracing_notices_hidden():
                 result = entry.chunk(len(batches))(*settled, tuple(batches))
         except Exception as error:
             entry.chunk_failure = _describe(error)
