@@ -9,9 +9,10 @@ and the server's average (FedAvg) suffers.
 The regulariser is FedProx-style: client ``c`` adds ``sum_l s_{c,l} * ||w_l - w_server_l||^2``
 for each layer ``l``, a pull towards this round's server weights. An *auxiliary model* sets the
 strengths from the client's label histogram ``h_c``: ``s_c = max(0, A h_c + b)``, one strength
-per layer. ``A`` and ``b`` start at exactly zero, so the starting point IS plain FedAvg (no
-penalty), and the one-sided derivative of ``max(0, .)`` at zero is 1, so the first
-hypergradient already says whether a pull would help.
+per layer. ``A`` starts at zero and ``b`` at a tiny positive ``start_strength`` (1e-4), so the
+starting point is FedAvg with a negligible pull, off the kink of ``max(0, .)``: the first
+hypergradient already says whether a stronger pull would help, on every torch (the derivative
+of ``max(0, .)`` exactly at 0 is an implementation detail; torch 2.13 says 1, torch 2.14 says 0).
 
 Meta-learning: ``hg.clients.hypergrad`` differentiates the server's validation loss after all
 ``R`` rounds with respect to ``(A, b)``, through every client's ``K`` steps of every round and
@@ -77,6 +78,7 @@ def main(
     momentum: float = 0.9,
     meta_lr: float = 0.005,
     hidden: int = 32,
+    start_strength: float = 1e-4,
     out: str | None = "demo_output/flagship.png",
     seed: int = 0,
     progress: bool = True,
@@ -100,7 +102,10 @@ def main(
     names = list(init)
     params = {**init, **{ANCHOR + k: v for k, v in init.items()}}  # weights + the server copy
     aux_model = nn.Linear(10, len(LAYERS))  # label histogram -> one strength per layer
-    aux = {"weight": torch.zeros(len(LAYERS), 10), "bias": torch.zeros(len(LAYERS))}
+    aux = {
+        "weight": torch.zeros(len(LAYERS), 10),
+        "bias": torch.full((len(LAYERS),), start_strength),
+    }
 
     def strengths(aux_params, hist):
         return hg.call(aux_model, aux_params, hist).clamp_min(0)  # max(0, A h + b)

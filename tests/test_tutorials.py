@@ -66,8 +66,9 @@ def test_flagship_learned_penalty_beats_fedavg_on_held_out_test_loss(tmp_path):
     )  # fmt: skip
     assert out.exists() and out.stat().st_size > 1000 and r["plot"] == str(out)
     before, after = r["table"]["FedAvg (before)"], r["table"]["learned (after)"]
-    # The starting point is exactly FedAvg: zero strengths, and the first hypergradient's value.
-    assert r["val_curve"][0] == pytest.approx(before["val_loss"], rel=1e-5)
+    # The start is FedAvg with a negligible pull (every strength 1e-4, off the kink of max(0, .),
+    # so the first hypergradient does not depend on torch's choice of subgradient there).
+    assert r["val_curve"][0] == pytest.approx(before["val_loss"], abs=0.02)
     assert after["val_loss"] < before["val_loss"] - 0.02
     assert after["test_loss"] < before["test_loss"]  # held-out data, never used above
     assert after["test_accuracy"] > before["test_accuracy"]
