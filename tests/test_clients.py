@@ -611,21 +611,22 @@ def test_custom_aggregate_and_randomness():
     def inner(p, a, x):
         return ((torch.nn.functional.dropout(p["w"], 0.5) - x) ** 2).sum()
 
-    params = {"w": torch.ones(4, 3)}
-    data = torch.zeros(2, 4, 3)
+    # 64 elements a client: two clients end equal by chance with probability (3/8)**64 < 1e-27,
+    # whatever random stream this torch draws from.
+    wide, data = {"w": torch.ones(4, 64)}, torch.zeros(2, 4, 64)
     opt = hg.optim.sgd(lr=0.1)
     with pytest.raises(RuntimeError, match="randomness"):
-        hg.clients.unroll(inner, params, opt, data)
-    a = hg.clients.unroll(inner, params, opt, data, randomness="different", seed=5)
-    b = hg.clients.unroll(inner, params, opt, data, randomness="different", seed=5)
-    same = hg.clients.unroll(inner, params, opt, data, randomness="same", seed=5)
+        hg.clients.unroll(inner, wide, opt, data)
+    a = hg.clients.unroll(inner, wide, opt, data, randomness="different", seed=5)
+    b = hg.clients.unroll(inner, wide, opt, data, randomness="different", seed=5)
+    same = hg.clients.unroll(inner, wide, opt, data, randomness="same", seed=5)
     assert torch.equal(a.params["w"], b.params["w"])  # reproducible given the seed
     assert not torch.equal(a.params["w"][0], a.params["w"][1])  # clients draw different masks
     assert torch.equal(same.params["w"][0], same.params["w"][1])
     # any function of the stacked tree aggregates between rounds: here the first client wins
     first = hg.clients.unroll(
         lambda p, a, x: ((p["w"] - x) ** 2).sum(),
-        params,
+        {"w": torch.ones(4, 3)},
         opt,
         torch.arange(4.0).view(1, 4, 1).expand(2, 4, 3),
         rounds=2,
