@@ -53,7 +53,9 @@ def test_hiding_torch_notices_keeps_the_users_and_ours():
         warnings.simplefilter("always")
         with torch_notices_hidden():
             warnings.warn_explicit("torch's", FutureWarning, "_script.py", 1, module="torch.jit")
-            warnings.warn_explicit("dynamo's", DeprecationWarning, "g.py", 1, module="torch._dynamo")
+            warnings.warn_explicit(
+                "dynamo's", DeprecationWarning, "g.py", 1, module="torch._dynamo"
+            )
             warnings.warn_explicit("the user's", FutureWarning, "mine.py", 1, module="mine")
             warnings.warn_explicit("a torchvision", FutureWarning, "v.py", 1, module="torchvision")
             warnings.warn("ours", UserWarning, stacklevel=1)
