@@ -2,52 +2,74 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import warnings
-from typing import Any
 
 import torch
 
 from hypergrad import tree as _tree
+from hypergrad._forward_safe import REPLACED, forward_safe_losses
 from hypergrad.methods._base import Method, MethodResult
-from hypergrad.tree import PyTree
 from hypergrad.unroll import Problem, run_steps
 
 __all__ = ["Forward"]
 
-# torch's forward-mode formula of some double-backward ops writes into the tangent of an input
-# that has none (an immutable "ZeroTensor"): F.mse_loss with reduction="mean" is the known case
-# (pytorch/pytorch#123996, unfixed in torch 2.13).
+# torch's forward-mode rule of some double-backward ops writes into the tangent of an input that
+# has none (an immutable "ZeroTensor"; pytorch/pytorch#123996, unfixed in torch 2.14), and some
+# have no forward-mode rule at all. The torch.nn.functional losses among them are rewritten with
+# elementary ops during the jvp (hypergrad._forward_safe); these explain any other op.
 _ZERO_TENSOR_BUG = "ZeroTensors are immutable"
+_NO_FORWARD_RULE = "Trying to use forward AD with"
 
-
-def _with_zero_tangents(batch: PyTree, anchor: torch.Tensor) -> PyTree:
-    """Give every floating-point tensor of ``batch`` a dense zero tangent; values unchanged.
-
-    ``anchor`` is ``0 * vector.sum()`` of the dual input: its value is 0 and its tangent a real
-    (materialised) zero, so ``x + anchor`` equals ``x`` and carries a tangent that torch's
-    formulas may write into. This sidesteps #123996 for targets that come in through the batch.
-    """
-
-    def attach(x: Any) -> Any:
-        if isinstance(x, torch.Tensor) and x.is_floating_point():
-            return x + anchor.to(x.dtype)
-        return x
-
-    return _tree.map(attach, batch)
+# torch's own deprecation notices about itself (torch.jit.script, called by torch.func on the
+# first jvp: a DeprecationWarning in torch 2.13, a FutureWarning from 2.14); only torch's modules.
+_TORCH_NOTICES = (DeprecationWarning, PendingDeprecationWarning, FutureWarning)
+_TORCH_MODULES = r"torch(\.|$)"
 
 
 def _explain_zero_tensor_bug(error: RuntimeError) -> RuntimeError:
+    """The torch bug #123996 struck an op that `forward_safe_losses` does not rewrite."""
+    replaced = ", ".join(f"F.{f.__name__}" for f in REPLACED)
     return RuntimeError(
-        "hg.hypergrad(method='forward'): torch's forward-mode rule for an op in inner_loss failed "
-        f"({error}). This is a torch bug (pytorch/pytorch#123996; known case: "
-        "F.mse_loss / nn.MSELoss with reduction='mean') that strikes when one input of that op "
-        "carries no tangent, typically a target tensor captured from outside inner_loss. "
-        "Fixes: pass the target in through the batch (hypergrad gives batch tensors a zero "
-        "tangent), or write the loss with elementary ops, e.g. ((pred - y) ** 2).mean(), or use "
-        "method='reverse' or hg.Checkpointed(S)."
+        "hg.hypergrad(method='forward'): torch's forward-mode rule for an op in inner_loss's "
+        f"gradient failed ({error}). This is a torch bug (pytorch/pytorch#123996) that strikes "
+        "when one input of that op carries no tangent, typically a target tensor (captured in "
+        f"a closure or passed in the batch). hypergrad's forward mode rewrites {replaced} (and "
+        "their nn modules) with elementary ops to avoid it; this op is another one, or one of "
+        "those called with arguments left to torch (size_average/reduce, a target shaped "
+        "unlike the input). Fixes: write that op with elementary ops, e.g. "
+        "((pred - y) ** 2).mean() for a mean squared error, or use method='reverse' or "
+        "hg.Checkpointed(S)."
     )
+
+
+def _explain_no_forward_rule(error: NotImplementedError) -> NotImplementedError:
+    """torch has no forward-mode rule for an op of the inner loss or of its backward."""
+    return NotImplementedError(
+        "hg.hypergrad(method='forward'): torch has no forward-mode rule for an op in inner_loss "
+        f"or in its gradient ({str(error).splitlines()[0]}). Forward mode differentiates the "
+        "inner gradient forward-over-reverse (torch.func.jvp of torch.func.grad), so every op "
+        "of inner_loss and of its backward needs one. Fixes: write that part of the loss with "
+        "elementary ops (torch.where, clamp, exp, log, sums), or use method='reverse' or "
+        "hg.Checkpointed(S), which need the op's double backward instead."
+    )
+
+
+def _push(directional, basis: torch.Tensor):
+    """``vmap(directional)(basis)`` with the forward-safe losses, torch's notices hidden."""
+    with warnings.catch_warnings(), forward_safe_losses():
+        for category in _TORCH_NOTICES:
+            warnings.filterwarnings("ignore", category=category, module=_TORCH_MODULES)
+        try:
+            return torch.func.vmap(directional, randomness="same")(basis)
+        except NotImplementedError as error:  # a RuntimeError too: catch it first
+            if _NO_FORWARD_RULE in str(error):
+                raise _explain_no_forward_rule(error) from error
+            raise
+        except RuntimeError as error:
+            if _ZERO_TENSOR_BUG in str(error):
+                raise _explain_zero_tensor_bug(error) from error
+            raise
 
 
 class Forward(Method):
@@ -64,6 +86,13 @@ class Forward(Method):
     transformable by torch.func (``inner_grad="func"``). This method cannot tell an ``aux`` leaf
     that does not affect the outer loss from one whose gradient happens to be zero, so it does
     not warn about such leaves.
+
+    torch cannot take three losses forward-over-reverse: `F.mse_loss` with a target that
+    carries no tangent (pytorch/pytorch#123996), `F.huber_loss` and `F.soft_margin_loss` (no
+    forward-mode rule for their backward). While this method's jvp runs, those (and
+    `nn.MSELoss`, `nn.HuberLoss`, `nn.SoftMarginLoss`) are computed with elementary ops, equal to
+    torch's to rounding; everywhere else torch's own kernels run. torch's notices about its own
+    deprecations, raised inside the jvp, are hidden.
 
     Cost, with B = chunk_size (default D):
 
@@ -118,21 +147,11 @@ class Forward(Method):
 
         def run(vector: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             carry, aux, hp = problem.bind(unravel(vector))
-            anchor = vector.sum() * 0
-            dual_problem = dataclasses.replace(
-                problem, batch_at=lambda k: _with_zero_tangents(problem.batch_at(k), anchor)
-            )
-            carry, losses = run_steps(dual_problem, carry, aux, hp, 0, problem.steps)
+            carry, losses = run_steps(problem, carry, aux, hp, 0, problem.steps)
             return problem.value(carry, aux), torch.stack(losses)
 
         def directional(tangent: torch.Tensor):
-            with warnings.catch_warnings():
-                # torch loads its forward-AD decompositions on the first jvp with
-                # torch.jit.script, which warns about its own deprecation (torch's, not ours).
-                warnings.filterwarnings(
-                    "ignore", message=".*torch.jit.script.*deprecated", category=DeprecationWarning
-                )
-                return torch.func.jvp(run, (flat,), (tangent,), has_aux=True)
+            return torch.func.jvp(run, (flat,), (tangent,), has_aux=True)
 
         if size == 0:
             with torch.no_grad():
@@ -147,14 +166,7 @@ class Forward(Method):
                 rows = torch.arange(hi - lo, device=flat.device)
                 basis = torch.zeros(hi - lo, size, dtype=flat.dtype, device=flat.device)
                 basis[rows, rows + lo] = 1
-                try:
-                    values, tangents, step_losses = torch.func.vmap(directional, randomness="same")(
-                        basis
-                    )
-                except RuntimeError as error:
-                    if _ZERO_TENSOR_BUG in str(error):
-                        raise _explain_zero_tensor_bug(error) from error
-                    raise
+                values, tangents, step_losses = _push(directional, basis)
                 parts.append(tangents)
                 value, losses = values[0], step_losses[0]
         grads = unravel(torch.cat(parts))
