@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 
 from hypergrad import tree as _tree
 from hypergrad._forward_safe import REPLACED, forward_safe_losses
+from hypergrad._warnings import torch_notices_hidden
 from hypergrad.methods._base import Method, MethodResult
 from hypergrad.unroll import Problem, run_steps
 
@@ -20,11 +20,6 @@ __all__ = ["Forward"]
 # elementary ops during the jvp (hypergrad._forward_safe); these explain any other op.
 _ZERO_TENSOR_BUG = "ZeroTensors are immutable"
 _NO_FORWARD_RULE = "Trying to use forward AD with"
-
-# torch's own deprecation notices about itself (torch.jit.script, called by torch.func on the
-# first jvp: a DeprecationWarning in torch 2.13, a FutureWarning from 2.14); only torch's modules.
-_TORCH_NOTICES = (DeprecationWarning, PendingDeprecationWarning, FutureWarning)
-_TORCH_MODULES = r"torch(\.|$)"
 
 
 def _explain_zero_tensor_bug(error: RuntimeError) -> RuntimeError:
@@ -57,9 +52,8 @@ def _explain_no_forward_rule(error: NotImplementedError) -> NotImplementedError:
 
 def _push(directional, basis: torch.Tensor):
     """``vmap(directional)(basis)`` with the forward-safe losses, torch's notices hidden."""
-    with warnings.catch_warnings(), forward_safe_losses():
-        for category in _TORCH_NOTICES:
-            warnings.filterwarnings("ignore", category=category, module=_TORCH_MODULES)
+    # torch.func calls torch.jit.script on the first jvp, which warns of its own deprecation.
+    with torch_notices_hidden(), forward_safe_losses():
         try:
             return torch.func.vmap(directional, randomness="same")(basis)
         except NotImplementedError as error:  # a RuntimeError too: catch it first
