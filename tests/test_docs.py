@@ -5,12 +5,16 @@
 - every public module has an API reference page that is in the site's navigation;
 - the README's first ``python`` block runs;
 - a code block that raises fails ``mkdocs build --strict`` (so a broken tutorial fails CI).
+- the built site shows no markup as literal text: no Sphinx roles (``:func:`` and friends, which
+  mkdocstrings does not understand; write ``[`name`][hypergrad.full.path]``) and no Markdown
+  that reached the page unrendered (``## heading``, ``**bold**``, ``| --- |`` table rows).
 
 Import-driven: a name or module added to an ``__all__`` is covered without editing this file.
 """
 
 from __future__ import annotations
 
+import html.parser
 import inspect
 import pathlib
 import re
@@ -140,3 +144,131 @@ def test_a_failing_code_block_fails_the_build(tmp_path: pathlib.Path, flags: lis
     assert result.returncode != 0, result.stdout + result.stderr
     assert "executed code block(s) failed" in result.stdout + result.stderr or "--strict" in flags
     assert "tutorial broke" in result.stdout + result.stderr or "-q" in flags
+
+
+# -- the built site, as a browser shows it ---------------------------------------------------------
+
+_ROLE = re.compile(r":(func|class|mod|meth|attr|obj|data|exc):`")
+_RAW_MARKDOWN = {
+    "a Markdown heading": re.compile(r"^[ \t]*#{1,6} \S", re.M),
+    "Markdown bold": re.compile(r"\*\*\w[^*\n]*\*\*"),
+    "a Markdown table row": re.compile(r"^[ \t]*\|?[ \t]*:?-{3,}:?[ \t]*\|", re.M),
+}
+# A Markdown table (a header row, then its separator row) printed into a code block: the output of
+# a markdown-exec block shown as text instead of rendered.
+_TABLE_IN_PRE = re.compile(r"^[ \t]*\|.*\|[ \t]*\n[ \t]*\|?[ \t]*:?-{3,}:?[ \t]*\|", re.M)
+
+
+class _VisibleText(html.parser.HTMLParser):
+    """The text a reader sees outside code; each ``<code>`` element is shown as a backtick.
+
+    A Sphinx role renders as ``:func:<code>name</code>``, which becomes ``:func:`` followed by a
+    backtick here, as in the docstring's source. The text of each ``<pre>`` is kept apart.
+    """
+
+    _SKIP = frozenset({"pre", "code", "script", "style", "textarea", "svg"})
+    _VOID = frozenset({"area", "br", "col", "embed", "hr", "img", "input", "link", "meta", "wbr"})
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.open: list[str] = []
+        self.parts: list[str] = []
+        self.pre: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag in self._VOID:
+            return
+        if tag == "code" and not self._skipping():
+            self.parts.append("`")
+        if tag == "pre" and "pre" not in self.open:
+            self.pre.append("")
+        self.open.append(tag)
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in self.open:
+            while self.open.pop() != tag:
+                pass
+
+    def handle_data(self, data: str) -> None:
+        if not self._skipping():
+            self.parts.append(data)
+        elif "pre" in self.open:
+            self.pre[-1] += data
+
+    def _skipping(self) -> bool:
+        return any(tag in self._SKIP for tag in self.open)
+
+
+def rendering_problems(page_html: str) -> list[str]:
+    """Markup shown as literal text in one built page: Sphinx roles and unrendered Markdown."""
+    parser = _VisibleText()
+    parser.feed(page_html)
+    parser.close()
+    text = "".join(parser.parts)
+    problems = []
+    for match in _ROLE.finditer(text):
+        context = text[match.start() : match.start() + 60].split("\n")[0]
+        problems.append(f"a Sphinx role shown as text: {context!r}")
+    for what, pattern in _RAW_MARKDOWN.items():
+        for match in pattern.finditer(text):
+            problems.append(f"{what} shown as text: {match.group(0).strip()[:60]!r}")
+    for block in parser.pre:
+        if match := _TABLE_IN_PRE.search(block):
+            problems.append(f"a Markdown table in a code block: {match.group(0).strip()[:60]!r}")
+    return problems
+
+
+@pytest.mark.parametrize(
+    ("page", "expected"),
+    [
+        ("<p>See :func:<code>hypergrad.unroll</code> and :class:<code>Trajectory</code>.</p>", 2),
+        ("<p>:mod:`hypergrad.unroll` kept its backticks</p>", 1),
+        ("<div><pre><code>## clients\n- **rows**: 3\n|---|---|</code></pre></div>", 0),
+        ("<pre><code>**rows**\n\n| mode | peak |\n|---|---|\n| vmap | 17.6 |</code></pre>", 1),
+        ("<p>## clients</p><p>**rows**</p><p>| a | b |\n|---|---|\n| 1 | 2 |</p>", 3),
+        ("<h2>clients</h2><p><strong>rows</strong></p><table><tr><td>1</td></tr></table>", 0),
+        ('<p>See <a href="#x"><code>hg.unroll</code></a>: <code>x ** 2</code>, a*b.</p>', 0),
+    ],
+    ids=[
+        "roles",
+        "role-with-backticks",
+        "inside-pre",
+        "table-in-pre",
+        "raw-markdown",
+        "rendered",
+        "clean",
+    ],
+)
+def test_rendering_problems_finds_literal_markup(page: str, expected: int) -> None:
+    assert len(rendering_problems(page)) == expected, rendering_problems(page)
+
+
+@pytest.fixture(scope="session")
+def built_site(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    """The whole site, built once per test session (``mkdocs build --strict``: no warnings)."""
+    site = tmp_path_factory.mktemp("docs") / "site"
+    result = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(site)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, f"mkdocs build --strict failed:\n{result.stdout}{result.stderr}"
+    return site
+
+
+def test_built_pages_show_no_literal_markup(built_site: pathlib.Path) -> None:
+    pages = sorted(built_site.rglob("*.html"))
+    assert len(pages) > 10, f"the build wrote only {len(pages)} pages"
+    problems = [
+        f"{page.relative_to(built_site)}: {problem}"
+        for page in pages
+        for problem in rendering_problems(page.read_text(encoding="utf-8"))
+    ]
+    assert not problems, (
+        "The built site shows markup as literal text (a Sphinx role: write "
+        "[`name`][hypergrad.full.path] instead; Markdown: check how the page produces it):\n  "
+        + "\n  ".join(problems[:40])
+        + (f"\n  ... and {len(problems) - 40} more" if len(problems) > 40 else "")
+    )

@@ -2,14 +2,14 @@
 
 Within a federated round the clients are independent: client ``c``'s final params depend on its
 own start, data and hyperparameters, and on the shared ``aux``. So the reverse-mode graph of a
-round need not hold every client at once. :func:`by_chunks` differentiates in two passes:
+round need not hold every client at once. ``by_chunks`` differentiates in two passes:
 
 1. **Forward, no graph.** Each round runs chunk by chunk; the clients' final params (and
    buffers) of every round are kept, ``O(R * C * P)``, and aggregated into the next round's
    start. The outer loss is evaluated on the last aggregate and differentiated with respect to
    the clients' final params (its cotangent) and ``aux``.
 2. **Backward, chunk by chunk.** From the last round to the first, each chunk's round is run
-   again as a small problem of its own (:class:`hypergrad.unroll.Problem`, one round of
+   again as a small problem of its own (``hypergrad.unroll.Problem``, one round of
    ``chunk_size`` clients) whose outer loss is the dot product of its final params with their
    cotangent, and the user's method (``"reverse"``, ``hg.Truncated``, ``hg.Checkpointed``,
    ``"first_order"``) differentiates it. That yields the chunk's share of the gradient with
@@ -48,12 +48,12 @@ from hypergrad.unroll import Carry, Problem, requires_grad, run_steps, seeded
 
 __all__ = ["Federation", "by_chunks", "chunkable"]
 
-#: The methods that :func:`by_chunks` runs per chunk (reverse mode and its variants).
+#: The methods that ``by_chunks`` runs per chunk (reverse mode and its variants).
 _CHUNKABLE = (Reverse, Truncated, Checkpointed, FirstOrder)
 
 
 class Federation(NamedTuple):
-    """What :func:`by_chunks` needs of a clients problem besides the whole :class:`Problem`.
+    """What ``by_chunks`` needs of a clients problem besides the whole ``Problem``.
 
     Attributes:
         problem: the whole problem (every client at once); its seed, targets, hyperparameters
@@ -88,7 +88,7 @@ class Federation(NamedTuple):
 
 
 def chunkable(method: Method) -> bool:
-    """Whether :func:`by_chunks` can run ``method`` (the reverse-mode family, not forward).
+    """Whether ``by_chunks`` can run ``method`` (the reverse-mode family, not forward).
 
     Examples:
         >>> chunkable(hg.Checkpointed(2)), chunkable(hg.Forward(1))

@@ -5,7 +5,7 @@ torch's internals warn about torch's own deprecations (``torch.jit.script`` on t
 and dynamo warns that guards run slower on Python 3.13.0. Neither is about the user's code, and
 under an ``error`` filter (``-W error``, pytest's ``filterwarnings``) the second would turn a
 ``compile=True`` call into an eager fallback. The library runs torch's transforms and compiler
-inside :func:`torch_notices_hidden`; warnings that torch attributes to the caller's own code
+inside ``torch_notices_hidden``; warnings that torch attributes to the caller's own code
 (a deprecated argument the user passed) still come through.
 """
 

@@ -1,17 +1,18 @@
 """Many models at once: unroll stacked clients with ``torch.func.vmap`` and differentiate rounds.
 
 A *client* tree is an ordinary tree whose leaves carry a leading client dimension ``C``
-(:func:`hypergrad.stack` builds one from modules). :func:`unroll` and :func:`hypergrad` run the
-engine's step function (:mod:`hypergrad.unroll`) under ``torch.func.vmap`` over that dimension:
-one vectorised computation for all clients, never a Python loop over them. Every method of
-:func:`hypergrad.hypergrad` works unchanged (``"reverse"``, ``hg.Truncated``, ``hg.Checkpointed``,
-``"forward"``, ``"first_order"``), because the clients are handed to the methods as one problem
-whose step is the vmapped step and whose outer loss aggregates the clients.
+([`hg.stack`][hypergrad.stack] builds one from modules). [`unroll`][hypergrad.clients.unroll] and
+[`hypergrad`][hypergrad.clients.hypergrad] run the engine's step function (module
+``hypergrad.unroll``) under ``torch.func.vmap`` over that dimension: one vectorised computation for
+all clients, never a Python loop over them. Every method of [`hg.hypergrad`][hypergrad.hypergrad]
+works unchanged (``"reverse"``, ``hg.Truncated``, ``hg.Checkpointed``, ``"forward"``,
+``"first_order"``), because the clients are handed to the methods as one problem whose step is the
+vmapped step and whose outer loss aggregates the clients.
 
-Which inputs have a client dimension (``in_dims``)
----------------------------------------------------
+Which inputs have a client dimension (in_dims)
+-----------------------------------------------
 ``in_dims`` follows ``torch.func.vmap``: ``0`` means "leading client dimension", ``None`` means
-"shared by every client". It is a dict with some of these keys (defaults shown)::
+"shared by every client". It is a dict with some of these keys (defaults shown):
 
     {"params": 0, "state": 0, "buffers": 0, "aux": None, "hyperparams": None, "batches": 0}
 
@@ -23,7 +24,7 @@ Which inputs have a client dimension (``in_dims``)
   ``{"lr": 0, "weight_decay": None}`` naming the per-client ones (leading dim ``C``; a per-client
   learning rate is a tensor of shape ``(C,)``); the rest are shared.
 - ``batches``: the client dimension of *one step's* batch. Stacked batches are shaped
-  ``(steps, C, ...)`` (the step dimension first, as in :func:`hypergrad.unroll`); ``None``
+  ``(steps, C, ...)`` (the step dimension first, as in [`hg.unroll`][hypergrad.unroll]); ``None``
   gives every client the same batch.
 
 Rounds and aggregation
@@ -32,10 +33,11 @@ With ``rounds=R`` the clients run ``R`` federated rounds of ``K`` local steps ea
 hold ``R * K`` steps). At the start of every round after the first, the client parameters are
 aggregated into a server model, which is broadcast back to every client, and each client's
 optimizer state starts afresh (a new local optimizer per round, as FedAvg clients do). The
-whole chain is differentiated. The default aggregation is :func:`fedavg`, the mean over
-clients weighted by ``weights`` (e.g. the clients' sample counts, :attr:`Padded.sizes`);
-``aggregate=fn`` takes any function of the stacked tree. :func:`hypergrad`'s ``outer_loss``
-is server-side: it receives the aggregate of the final client parameters.
+whole chain is differentiated. The default aggregation is [`fedavg`][hypergrad.clients.fedavg], the
+mean over clients weighted by ``weights`` (e.g. the clients' sample counts,
+[`Padded.sizes`][hypergrad.clients.Padded.sizes]); ``aggregate=fn`` takes any function of the
+stacked tree. [`hypergrad`][hypergrad.clients.hypergrad]'s ``outer_loss`` is server-side: it
+receives the aggregate of the final client parameters.
 
 Buffers (BatchNorm) under vmap
 ------------------------------
@@ -68,20 +70,22 @@ whole. Both give the same numbers; the first records a much lighter meta-graph.
 
 Clients with different data sizes
 ---------------------------------
-:func:`pad` stacks per-client datasets of different lengths into padded tensors and a mask;
-:func:`batches` turns them into per-step batches ``(data, mask)`` (full batch or sampled
-mini-batches); :func:`masked_mean` averages a per-example loss over the real examples only.
+[`pad`][hypergrad.clients.pad] stacks per-client datasets of different lengths into padded tensors
+and a mask; [`batches`][hypergrad.clients.batches] turns them into per-step batches ``(data, mask)``
+(full batch or sampled mini-batches); [`masked_mean`][hypergrad.clients.masked_mean] averages a
+per-example loss over the real examples only.
 
-Cost and ``chunk_size``
------------------------
+Cost and chunk_size
+-------------------
 One vmapped step costs about as much as one step of a model C times wider; memory of a
 reverse-mode hypergradient is ``O(K * C * A)``. With ``chunk_size=n < C``,
-:func:`hypergrad` takes a reverse-mode hypergradient (``"reverse"``, ``hg.Truncated``,
-``hg.Checkpointed``, ``"first_order"``) one chunk of n clients at a time: the clients first
-run forward without a graph, then each chunk's round is run again and differentiated on its own
-(``hypergrad._client_chunks``). Memory becomes ``O(K * n * A + R * C * P)``, at the price of
-one more forward pass. Elsewhere (``"forward"``, :func:`unroll`) ``chunk_size`` is vmap's: the
-clients of each step run in chunks, bounding that step's working memory.
+[`hypergrad`][hypergrad.clients.hypergrad] takes a reverse-mode hypergradient (``"reverse"``,
+``hg.Truncated``, ``hg.Checkpointed``, ``"first_order"``) one chunk of n clients at a time: the
+clients first run forward without a graph, then each chunk's round is run again and differentiated
+on its own (``hypergrad._client_chunks``). Memory becomes ``O(K * n * A + R * C * P)``, at the price
+of one more forward pass. Elsewhere (``"forward"``, [`unroll`][hypergrad.clients.unroll])
+``chunk_size`` is vmap's: the clients of each step run in chunks, bounding that step's working
+memory.
 """
 
 from __future__ import annotations
@@ -194,7 +198,7 @@ def broadcast(tree: PyTree, /, clients: int) -> PyTree:
 
 
 class Padded(NamedTuple):
-    """Per-client datasets padded to one length (see :func:`pad`).
+    """Per-client datasets padded to one length (see [`pad`][hypergrad.clients.pad]).
 
     Attributes:
         data: the datasets' tree, each leaf shaped ``(C, N, ...)`` with ``N`` the largest size.
@@ -234,12 +238,13 @@ def pad(datasets: Sequence[PyTree], /, *, value: float = 0) -> Padded:
     Args:
         datasets: one tree per client (e.g. ``(x_c, y_c)``), all of one structure, the leaves of
             a client sharing its number of examples ``N_c`` as their leading dimension.
-        value: the fill value of the padding. Keep it finite: :func:`masked_mean` drops the
-            padded entries of a loss, but a nan in the data would still reach the gradient
-            through ops like ``x @ w`` (``0 * nan = nan``).
+        value: the fill value of the padding. Keep it finite:
+            [`masked_mean`][hypergrad.clients.masked_mean] drops the padded entries of a loss, but a
+            nan in the data would still reach the gradient through ops like ``x @ w`` (``0 * nan =
+            nan``).
 
     Returns:
-        :class:`Padded` ``(data, mask, sizes)``.
+        [`Padded`][hypergrad.clients.Padded] ``(data, mask, sizes)``.
 
     Raises:
         ValueError: no datasets, different structures, leaves of one client with different
@@ -299,7 +304,7 @@ def batches(
     mask, for a client with fewer examples).
 
     Args:
-        padded: the result of :func:`pad`.
+        padded: the result of [`pad`][hypergrad.clients.pad].
         steps: the number of steps (``rounds * K`` for federated rounds).
         batch_size: examples per client and step, or ``None`` for the full batch.
         generator: the random generator for sampling.
@@ -859,10 +864,10 @@ def unroll(
 ) -> Trajectory:
     """Run K optimizer steps of every client at once (``torch.func.vmap``), for R rounds.
 
-    The per-client view is exactly :func:`hypergrad.unroll`'s: ``inner_loss(params, aux,
+    The per-client view is exactly [`hg.unroll`][hypergrad.unroll]'s: ``inner_loss(params, aux,
     batch)`` sees one client's params, its batch, and ``aux`` (shared, or the client's slice).
-    Differentiable like :func:`hypergrad.unroll` (autograd records the steps when an input
-    requires grad). See :mod:`hypergrad.clients` for ``in_dims``, rounds and buffers.
+    Differentiable like [`hg.unroll`][hypergrad.unroll] (autograd records the steps when an input
+    requires grad). See [`hg.clients`][hypergrad.clients] for ``in_dims``, rounds and buffers.
 
     Args:
         inner_loss: ``inner_loss(params, aux, batch) -> scalar`` for one client; with
@@ -877,21 +882,22 @@ def unroll(
         buffers: stacked buffers carried per client (see the module docstring).
         steps: K, local steps per round; default: the number of batches divided by ``rounds``.
         hyperparams: replaces ``opt.hyperparams``; per-client ones are named in ``in_dims``.
-        in_dims: which inputs have a client dimension (see :mod:`hypergrad.clients`).
+        in_dims: which inputs have a client dimension (see [`hg.clients`][hypergrad.clients]).
         rounds: R federated rounds; between rounds the clients are aggregated and reset.
-        aggregate: ``fn(stacked_tree) -> tree``; default :func:`fedavg` with ``weights``.
+        aggregate: ``fn(stacked_tree) -> tree``; default [`fedavg`][hypergrad.clients.fedavg] with
+            ``weights``.
         weights: FedAvg weights, one per client (e.g. sample counts).
         chunk_size: as in ``torch.func.vmap``: clients per chunk inside a step.
         randomness: as in ``torch.func.vmap``: ``"error"``, ``"different"`` or ``"same"``.
-        seed: base seed; step ``k`` runs with ``seed + k`` (see :mod:`hypergrad.unroll`).
+        seed: base seed; step ``k`` runs with ``seed + k`` (see [`hg.unroll`][hypergrad.unroll]).
         check_finite: check the losses and final params once; name the step and key if not.
         compile: compile the vmapped step with ``torch.compile`` (``True``: eager fallback
             with ``hg.CompileFallbackWarning``; ``"strict"``: raise); see ``hg.unroll``.
 
     Returns:
         ``Trajectory(params, state, buffers, losses)``: the clients' stacked values after the
-        last local step (not aggregated; apply :func:`fedavg` for the server), and ``losses``
-        of shape ``(rounds * K, C)``.
+        last local step (not aggregated; apply [`fedavg`][hypergrad.clients.fedavg] for the server),
+        and ``losses`` of shape ``(rounds * K, C)``.
 
     Raises:
         ValueError: bad ``in_dims``, inconsistent client counts, batches that run out.
@@ -969,13 +975,13 @@ def hypergrad(
 ) -> Hypergradient:
     """The gradient of a server-side outer loss through R rounds of K steps of C clients.
 
-    The clients train as in :func:`unroll` (vmapped, aggregated between rounds); the outer loss
-    is evaluated on the aggregate of their final params::
+    The clients train as in [`unroll`][hypergrad.clients.unroll] (vmapped, aggregated between
+    rounds); the outer loss is evaluated on the aggregate of their final params:
 
         outer_loss(aggregate(params_final), aux, outer_batch)       # or (..., server_buffers)
 
-    and differentiated with any method of :func:`hypergrad.hypergrad` with respect to ``wrt``:
-    ``"aux"`` (e.g. an auxiliary model that parameterises every client's regulariser),
+    and differentiated with any method of [`hg.hypergrad`][hypergrad.hypergrad] with respect to
+    ``wrt``: ``"aux"`` (e.g. an auxiliary model that parameterises every client's regulariser),
     hyperparameter names or ``"hyperparams"`` (shared ones get one gradient, per-client ones a
     gradient with the client dimension), and ``"params"`` (the initial params: per client, or
     the one shared tree with ``in_dims={"params": None}``).
@@ -983,26 +989,27 @@ def hypergrad(
     Args:
         outer_loss: ``outer_loss(server_params, aux, outer_batch) -> scalar`` (with
             ``buffers``: ``outer_loss(server_params, aux, outer_batch, server_buffers)``).
-        inner_loss: one client's loss, as in :func:`unroll`.
+        inner_loss: one client's loss, as in [`unroll`][hypergrad.clients.unroll].
         params: stacked client params, or one tree with ``in_dims={"params": None}``.
         opt: the functional optimizer.
-        batches: as in :func:`unroll`.
+        batches: as in [`unroll`][hypergrad.clients.unroll].
         outer_batch: passed unchanged to ``outer_loss``.
         aux: the auxiliary tree.
         method: ``"reverse"``, ``hg.Truncated(T)``, ``hg.Checkpointed(S)``, ``"forward"`` /
             ``hg.Forward(n)`` or ``"first_order"`` (T and S count steps over all rounds).
-        wrt: what to differentiate, as in :func:`hypergrad.hypergrad`.
+        wrt: what to differentiate, as in [`hg.hypergrad`][hypergrad.hypergrad].
         state: initial stacked optimizer state; default: fresh per client.
         buffers: stacked buffers carried per client.
         steps: K, local steps per round.
         hyperparams: replacements for some of ``opt.hyperparams``.
-        in_dims: which inputs have a client dimension (see :mod:`hypergrad.clients`).
+        in_dims: which inputs have a client dimension (see [`hg.clients`][hypergrad.clients]).
         rounds: R federated rounds.
-        aggregate: ``fn(stacked_tree) -> tree``; default :func:`fedavg` with ``weights``.
+        aggregate: ``fn(stacked_tree) -> tree``; default [`fedavg`][hypergrad.clients.fedavg] with
+            ``weights``.
         weights: FedAvg weights, one per client.
         chunk_size: clients per chunk. With a reverse-mode method the hypergradient is taken
             chunk by chunk (memory bounded by the chunk, one extra forward pass; see
-            :mod:`hypergrad.clients`); with ``"forward"`` it is vmap's ``chunk_size``.
+            [`hg.clients`][hypergrad.clients]); with ``"forward"`` it is vmap's ``chunk_size``.
         randomness: as in ``torch.func.vmap`` (with chunks, each chunk draws its own numbers).
         seed: base seed of the steps' random numbers.
         check_finite: check once that the result is finite; name the step and key if not.

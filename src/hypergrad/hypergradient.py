@@ -38,7 +38,7 @@ _GROUPS = ("aux", "hyperparams", "params")
 
 
 class Hypergradient(NamedTuple):
-    """The result of :func:`hypergrad`.
+    """The result of [`hypergrad`][hypergrad.hypergrad].
 
     Attributes:
         value: the outer loss after K steps (a detached 0-d tensor).
@@ -171,7 +171,7 @@ def hypergrad(
     """The gradient of ``outer_loss(params_K, aux, outer_batch)`` through K optimizer steps.
 
     ``params_K`` is the result of K steps of ``opt`` on ``inner_loss`` from ``params`` (as
-    :func:`hypergrad.unroll`). The gradient is taken with respect to what ``wrt`` names:
+    [`hg.unroll`][hypergrad.unroll]). The gradient is taken with respect to what ``wrt`` names:
     ``"aux"``, ``"params"`` (the initial params, as MAML), ``"hyperparams"`` (all of the
     optimizer's numbers), or single hyperparameter names such as ``"lr"``, ``"weight_decay"``,
     ``"betas"``. A float hyperparameter is differentiated as a 0-d tensor of the params' dtype;
@@ -190,7 +190,7 @@ def hypergrad(
             as ``inner_loss(params, aux, batch, buffers)`` and returns ``(loss, new_buffers)``.
         params: the initial parameters.
         opt: the functional optimizer.
-        batches: the inner batches (as :func:`hypergrad.unroll`).
+        batches: the inner batches (as [`hg.unroll`][hypergrad.unroll]).
         outer_batch: passed unchanged to ``outer_loss``.
         aux: the auxiliary pytree (floating-point tensors when differentiated).
         method: one of the methods above.
@@ -202,8 +202,8 @@ def hypergrad(
         seed: base seed for the steps' random numbers (default: one draw from the global
             generator). Every method sees the same random numbers at step k.
         progress: show a tqdm progress bar (needs tqdm).
-        inner_grad: ``"auto"``, ``"func"`` or ``"autograd"`` (see :mod:`hypergrad.unroll`);
-            forward mode always uses ``"func"``.
+        inner_grad: ``"auto"``, ``"func"`` or ``"autograd"`` (see the ``hypergrad.unroll`` module
+            docstring); forward mode always uses ``"func"``.
         check_finite: check once, at the end (one device sync), that the losses, the outer
             value and the hypergradient are finite; if not, replay the unroll step by step to
             name the first step and key path that went nan/inf, and raise.
@@ -213,7 +213,7 @@ def hypergrad(
             results as eager. ``"reverse"``, ``Truncated``, ``Checkpointed`` and ``"first_order"`` run
             compiled; ``"forward"`` (``torch.func.jvp``) and anything dynamo cannot compile run
             eagerly with one ``hg.CompileFallbackWarning`` naming the cause; ``"strict"``
-            raises ``hg.CompileError`` instead. See :mod:`hypergrad._compile`.
+            raises ``hg.CompileError`` instead. See [`hg.Compile`][hypergrad.Compile].
 
     Returns:
         ``Hypergradient(value, aux, hyperparams, params)``; what was not asked is ``None``.

@@ -3,7 +3,7 @@
 ``split`` takes the tensors out of a module, ``call`` runs the module with tensors you pass
 (``torch.func.functional_call``), ``load`` copies a tree back in, and ``stack``/``unstack`` add
 or remove a leading *client* dimension for ``torch.func.vmap``. The module itself is only a
-description of the computation: nothing here changes it except :func:`load`.
+description of the computation: nothing here changes it except [`load`][hypergrad.nn.load].
 
 Keys are exactly the names of ``named_parameters()`` / ``named_buffers()``. A parameter that is
 shared by two submodules (tied weights) appears once, under its first name, and ``call`` uses
@@ -86,10 +86,11 @@ def call(
 
     Args:
         module: the architecture; its state is left untouched.
-        params: a dict keyed like :func:`split`'s params (all or some of the keys; a tied
-            parameter may be given under any of its names).
+        params: a dict keyed like [`split`][hypergrad.nn.split]'s params (all or some of the keys; a
+            tied parameter may be given under any of its names).
         *args: positional arguments of the module's forward.
-        buffers: a dict keyed like :func:`split`'s buffers, or ``None`` for the module's own.
+        buffers: a dict keyed like [`split`][hypergrad.nn.split]'s buffers, or ``None`` for the
+            module's own.
         return_buffers: also return the buffers after the forward pass.
         **kwargs: keyword arguments of the module's forward.
 
@@ -191,14 +192,15 @@ def load(
 ) -> nn.Module:
     """Copy ``params`` (and ``buffers``) into the module's own tensors, in place, without grad.
 
-    Strict: the keys must be exactly those of :func:`split`, each with the same shape and dtype
-    (the device may differ; values are copied to the module's device). Nothing is copied unless
-    everything fits.
+    Strict: the keys must be exactly those of [`split`][hypergrad.nn.split], each with the same
+    shape and dtype (the device may differ; values are copied to the module's device). Nothing is
+    copied unless everything fits.
 
     Args:
         module: the module to overwrite.
-        params: a dict keyed like :func:`split`'s params.
-        buffers: a dict keyed like :func:`split`'s buffers, or ``None`` to leave buffers as they are.
+        params: a dict keyed like [`split`][hypergrad.nn.split]'s params.
+        buffers: a dict keyed like [`split`][hypergrad.nn.split]'s buffers, or ``None`` to leave
+            buffers as they are.
 
     Returns:
         ``module``, for chaining.
@@ -261,8 +263,8 @@ def stack(modules: Sequence[nn.Module], /) -> tuple[Params, Params]:
         modules: a non-empty sequence of modules with the same keys, shapes and dtypes.
 
     Returns:
-        ``(params, buffers)`` as :func:`split` gives, each tensor with a leading dimension of
-        ``len(modules)``.
+        ``(params, buffers)`` as [`split`][hypergrad.nn.split] gives, each tensor with a leading
+        dimension of ``len(modules)``.
 
     Raises:
         ValueError: no modules, or a module that differs from the first (the message names the
@@ -293,11 +295,11 @@ def stack(modules: Sequence[nn.Module], /) -> tuple[Params, Params]:
 
 
 def unstack(tree: _tree.PyTree, /) -> list[_tree.PyTree]:
-    """Split a stacked tree along its leading dimension: the inverse of :func:`stack`.
+    """Split a stacked tree along its leading dimension (inverse of [`stack`][hypergrad.nn.stack]).
 
     Args:
         tree: any tree whose leaves share one leading dimension ``n``, e.g. ``params`` from
-            :func:`stack`, or the pair ``(params, buffers)``.
+            [`stack`][hypergrad.nn.stack], or the pair ``(params, buffers)``.
 
     Returns:
         A list of ``n`` trees with the structure of ``tree``; the tensors are views.

@@ -1,8 +1,8 @@
 """Pytree maths for parameter trees, built on optree.
 
 A *tree* is any nesting of dicts, lists, tuples and NamedTuples whose leaves are tensors; the
-parameter dicts returned by :func:`hypergrad.split` are the common case. Every function here is
-pure (it returns new tensors and never modifies its inputs), differentiable, and works under
+parameter dicts returned by [`hg.split`][hypergrad.split] are the common case. Every function here
+is pure (it returns new tensors and never modifies its inputs), differentiable, and works under
 ``torch.func.grad``, ``torch.func.jvp`` and ``torch.func.vmap``.
 
 Trees passed together must have the same structure; otherwise a ``ValueError`` names the first
@@ -15,11 +15,11 @@ torch's type promotion and return a 0-d tensor of the widest floating dtype amon
 ``ravel`` needs one dtype and device, and refuses mixed trees with an error naming the leaves.
 An empty tree is allowed everywhere: its norm, inner product and distance are ``tensor(0.)``.
 
-Names: :func:`select`, :func:`partition` and the predicates they take see each leaf's *dotted
-path*: the tree's keys joined by ``"."`` (``{"fc.weight": w}`` and ``{"fc": {"weight": w}}`` both
-give ``"fc.weight"``; list and tuple positions give their index, ``"layers.0"``; NamedTuple
-fields their name, ``"state.exp_avg"``), which for the dicts from :func:`hypergrad.split` is
-exactly the name ``named_parameters()`` uses.
+Names: [`select`][hypergrad.tree.select], [`partition`][hypergrad.tree.partition] and the predicates
+they take see each leaf's *dotted path*: the tree's keys joined by ``"."`` (``{"fc.weight": w}`` and
+``{"fc": {"weight": w}}`` both give ``"fc.weight"``; list and tuple positions give their index,
+``"layers.0"``; NamedTuple fields their name, ``"state.exp_avg"``), which for the dicts from
+[`hg.split`][hypergrad.split] is exactly the name ``named_parameters()`` uses.
 """
 
 from __future__ import annotations
@@ -63,8 +63,9 @@ __all__ = [
 ]
 
 PyTree = Any
-#: What :func:`select` and :func:`partition` accept: a glob string, a compiled regex, a predicate
-#: ``fn(dotted_path, leaf) -> bool``, or a list of these (a leaf is selected if any matches).
+#: What [`select`][hypergrad.tree.select] and [`partition`][hypergrad.tree.partition] accept: a glob
+#: string, a compiled regex, a predicate ``fn(dotted_path, leaf) -> bool``, or a list of these (a
+#: leaf is selected if any matches).
 Pattern = Union[str, "re.Pattern[str]", Callable[[str, Any], bool], Sequence[Any]]
 
 # Tensors are leaves; None is an empty subtree (optree's default), so optional entries such as
@@ -103,7 +104,7 @@ def leaves(tree: PyTree, /) -> list[Any]:
 
 
 def key_paths(tree: PyTree, /) -> list[str]:
-    """Return the key path of every leaf, formatted with :func:`keystr`.
+    """Return the key path of every leaf, formatted with [`keystr`][hypergrad.tree.keystr].
 
     Examples:
         >>> key_paths({"w": torch.ones(2), "opt": (torch.ones(1), torch.ones(1))})
@@ -313,7 +314,9 @@ def unravel(
     sizes: Sequence[int],
     total: int,
 ) -> PyTree:
-    """Rebuild a tree from a vector made by :func:`ravel`; usually called via its ``unravel_fn``.
+    """Rebuild a tree from a vector made by [`ravel`][hypergrad.tree.ravel].
+
+    Usually called via its ``unravel_fn``.
 
     Raises:
         ValueError: the vector's length does not match the tree it was made from.
@@ -388,7 +391,8 @@ def mean(
 
     Args:
         trees: a list of trees with one structure; or, with ``stacked=True``, one tree whose
-            leaves all have a leading dimension to average over (as made by :func:`hypergrad.stack`).
+            leaves all have a leading dimension to average over (as made by
+            [`hg.stack`][hypergrad.stack]).
         weights: one non-negative weight per tree (a sequence or a 1-d tensor); ``None`` for
             equal weights.
         stacked: average over the leading dimension of one tree instead of over a list.
@@ -582,7 +586,8 @@ def _entry_name(entry: Any) -> Any:
 def dotted_paths(tree: PyTree, /) -> list[str]:
     """The dotted path of every leaf, in the tree's own order (dict insertion order).
 
-    This is the name that patterns in :func:`select` and :func:`partition` are matched against.
+    This is the name that patterns in [`select`][hypergrad.tree.select] and
+    [`partition`][hypergrad.tree.partition] are matched against.
 
     Examples:
         >>> dotted_paths({"fc": {"weight": torch.ones(1)}, "head.bias": torch.ones(1)})
@@ -650,7 +655,7 @@ def _rebuild_mapping(like: Mapping, items: list[tuple[Any, Any]]) -> Mapping:
 def partition(tree: PyTree, pattern: Pattern, /) -> tuple[PyTree, PyTree]:
     """Split a tree into the leaves that match ``pattern`` and the rest.
 
-    Matching uses each leaf's dotted path (see :func:`dotted_paths`):
+    Matching uses each leaf's dotted path (see [`dotted_paths`][hypergrad.tree.dotted_paths]):
 
     * a glob string matches the whole path with ``fnmatch`` rules (``*`` also crosses dots):
       ``"fc*.weight"``, ``"encoder.*"``, ``"*.bias"``;
@@ -660,11 +665,12 @@ def partition(tree: PyTree, pattern: Pattern, /) -> tuple[PyTree, PyTree]:
     * a list of any of these selects a leaf if any of them matches.
 
     In dicts an unselected leaf's key is dropped (so ``selected`` can go straight to
-    :func:`hypergrad.call` or an optimizer); in lists and tuples its place holds ``None``, which
-    every ``hg.tree`` function treats as an empty subtree. :func:`combine` puts the parts back.
+    [`hg.call`][hypergrad.call] or an optimizer); in lists and tuples its place holds ``None``,
+    which every ``hg.tree`` function treats as an empty subtree. [`combine`][hypergrad.tree.combine]
+    puts the parts back.
 
     Args:
-        tree: a tree of tensors, e.g. ``params`` from :func:`hypergrad.split`.
+        tree: a tree of tensors, e.g. ``params`` from [`hg.split`][hypergrad.split].
         pattern: what to select (see above).
 
     Returns:
@@ -692,7 +698,9 @@ def partition(tree: PyTree, pattern: Pattern, /) -> tuple[PyTree, PyTree]:
 
 
 def select(tree: PyTree, pattern: Pattern, /) -> PyTree:
-    """The leaves of ``tree`` that match ``pattern``: the first half of :func:`partition`.
+    """The leaves of ``tree`` that match ``pattern``.
+
+    The first half of [`partition`][hypergrad.tree.partition].
 
     Examples:
         >>> params = {"fc1.weight": torch.ones(2), "fc1.bias": torch.ones(2)}
@@ -706,7 +714,7 @@ def select(tree: PyTree, pattern: Pattern, /) -> PyTree:
 
 
 def combine(*trees: PyTree) -> PyTree:
-    """Merge disjoint parts of one tree, such as the outputs of :func:`partition`.
+    """Merge disjoint parts of one tree, such as [`partition`][hypergrad.tree.partition]'s outputs.
 
     Dicts are merged key by key (keys in order of first appearance), lists and tuples position
     by position; at each position at most one tree may hold a leaf (the others ``None`` or no
@@ -778,8 +786,8 @@ def layer_names(tree: PyTree, /) -> list[str]:
 
     For the params of ``nn.Sequential(nn.Linear(...), nn.ReLU(), nn.Linear(...))`` this is
     ``["0", "2"]``. A parameter that sits directly on the root module belongs to layer ``""``.
-    The order is the tree's own (dict insertion) order, so for :func:`hypergrad.split` output it
-    is the module's registration order.
+    The order is the tree's own (dict insertion) order, so for [`hg.split`][hypergrad.split] output
+    it is the module's registration order.
 
     Examples:
         >>> params = {"0.weight": torch.ones(1), "0.bias": torch.ones(1),
@@ -796,9 +804,11 @@ def layer_names(tree: PyTree, /) -> list[str]:
 
 
 def all_but_last_layer(tree: PyTree, /) -> Callable[[str, Any], bool]:
-    """A predicate for :func:`select` / :func:`partition`: every layer of ``tree`` but the last.
+    """A predicate that selects every layer of ``tree`` but the last.
 
-    The last layer is the last entry of :func:`layer_names`; all of its parameters are left out.
+    For [`select`][hypergrad.tree.select] / [`partition`][hypergrad.tree.partition]. The last layer
+    is the last entry of [`layer_names`][hypergrad.tree.layer_names]; all of its parameters are left
+    out.
 
     Raises:
         ValueError: the tree has no leaves.

@@ -1,17 +1,17 @@
 """The K-step loop, written once: the step function, the batch source, the problem, the trajectory.
 
-Public: :func:`unroll` and :class:`Trajectory`. Everything else in this module is the engine's
-internal API, the contract between the loop and the code that plugs into it (``methods/``,
-``hypergradient.py``, ``clients.py``, the compiled fast path).
+Public: [`unroll`][hypergrad.unroll] and [`Trajectory`][hypergrad.unroll.Trajectory]. Everything
+else in this module is the engine's internal API, the contract between the loop and the code that
+plugs into it (``methods/``, ``hypergradient.py``, ``clients.py``, the compiled fast path).
 
 The internal API
 ----------------
 
-**Step function.** One pure function advances the carry by one optimizer step::
+**Step function.** One pure function advances the carry by one optimizer step:
 
     step(params, state, buffers, aux, hyperparams, batch) -> (params, state, buffers, loss)
 
-:func:`make_step` builds it from ``(inner_loss, opt)``. It never mutates its inputs and never
+``make_step`` builds it from ``(inner_loss, opt)``. It never mutates its inputs and never
 touches the global RNG (the loop seeds each step, see below). Two ways to take the inner gradient:
 
 - ``inner_grad="func"``: ``torch.func.grad_and_value``. The step is then a composition of
@@ -28,23 +28,23 @@ Under ``torch.no_grad()`` the step still computes the inner gradient but records
 ``"first_order"`` method.
 
 **Multi-step.** A compiled step also runs several consecutive steps as one graph: the
-:class:`Problem` carries it as ``multi`` (from :func:`multi_step`), an object with ``length``
+``Problem`` carries it as ``multi`` (from ``multi_step``), an object with ``length``
 (steps per call), ``fits(k)`` (whether steps ``k .. k+length-1`` may run as one call) and
 ``several(params, state, buffers, aux, hyperparams, batches) -> (params, state, buffers,
-losses)`` or ``None`` (run these steps one by one instead). :func:`run_steps` uses it where it
+losses)`` or ``None`` (run these steps one by one instead). ``run_steps`` uses it where it
 fits; methods never see it. ``hg.clients`` wraps it to keep chunks inside a federated round.
 
-**Problem.** A :class:`Problem` holds everything a method needs: the step, the outer function
+**Problem.** A ``Problem`` holds everything a method needs: the step, the outer function
 ``outer(params, buffers, aux) -> scalar`` (the outer batch is already bound), the initial carry
 ``(params, state, buffers)``, ``aux``, ``hyperparams``, ``batch_at(k)``, the number of steps ``K``,
 the base seed, and *which* inputs to differentiate (``targets``). A method
 
-1. gets the differentiable inputs with :meth:`Problem.inputs` (a dict with some of the keys
+1. gets the differentiable inputs with ``Problem.inputs`` (a dict with some of the keys
    ``"aux"``, ``"hyperparams"``, ``"params"``),
-2. maps them to the loop's inputs with :meth:`Problem.bind`,
-3. runs steps ``[start, stop)`` with :func:`run_steps` (as many times, and under whatever autograd
+2. maps them to the loop's inputs with ``Problem.bind``,
+3. runs steps ``[start, stop)`` with ``run_steps`` (as many times, and under whatever autograd
    mode, it likes: the loop is deterministic given the problem),
-4. evaluates :attr:`Problem.outer` and differentiates.
+4. evaluates ``Problem.outer`` and differentiates.
 
 Methods never build a step. A caller that wants a vmapped step over stacked clients, or a
 ``torch.compile``-d one, builds the problem with that step (and an ``outer`` that aggregates the
@@ -54,12 +54,12 @@ step must be transformable by torch.func, i.e. ``inner_grad="func"``).
 
 **Randomness.** Step ``k`` (fetching its batch, then the step) runs after
 ``torch.manual_seed(seed + k)`` inside ``torch.random.fork_rng`` (and the outer loss with
-``seed + K``, see :meth:`Problem.value`), where ``seed`` is drawn once per call from the global
+``seed + K``, see ``Problem.value``), where ``seed`` is drawn once per call from the global
 generator (or passed by the user). Dropout masks
 are therefore identical when a method recomputes a step (checkpointing, forward-mode chunks), and
 the caller's global RNG stream advances by exactly one draw per call.
 
-**Batches.** :class:`Batches` turns any accepted batch argument into ``batch_at(k)``. A tensor,
+**Batches.** ``Batches`` turns any accepted batch argument into ``batch_at(k)``. A tensor,
 tuple or dict of tensors is indexed along its leading (step) dimension; a callable is called with
 ``k``; any other iterable (a list, a generator, a DataLoader) is consumed lazily and each batch is
 kept, so recomputation sees the same batch (this keeps references to K batches: pass a tensor or a
@@ -106,7 +106,7 @@ StepFn = Callable[..., tuple[PyTree, PyTree, PyTree, torch.Tensor]]
 
 
 class Trajectory(NamedTuple):
-    """The result of :func:`unroll`.
+    """The result of [`unroll`][hypergrad.unroll].
 
     Attributes:
         params: the parameters after the last step.
@@ -284,11 +284,11 @@ def build_step(
     steps: int = 1,
     caller: str = "hg.unroll",
 ) -> StepFn:
-    """:func:`make_step`, compiled (and cached) when ``compile`` asks (see :mod:`hypergrad._compile`).
+    """``make_step``, compiled (and cached) when ``compile`` asks (see ``hypergrad._compile``).
 
     A compiled step takes its inner gradient with ``torch.func`` (``inner_grad="func"``) and must
     be given every hyperparameter (``{**opt.hyperparams, **changes}``) at each call; it also
-    runs several steps per graph (:func:`multi_step`), how many chosen from ``steps`` (K).
+    runs several steps per graph (``multi_step``), how many chosen from ``steps`` (K).
 
     Examples:
         >>> opt = hg.optim.sgd(lr=0.1)
@@ -316,7 +316,7 @@ def build_step(
 
 
 def multi_step(step: StepFn) -> Any:
-    """The multi-step of a compiled ``step`` (see :func:`run_steps`), or ``None`` for others.
+    """The multi-step of a compiled ``step`` (see ``run_steps``), or ``None`` for others.
 
     Examples:
         >>> opt = hg.optim.sgd(lr=0.1)
@@ -489,11 +489,11 @@ class Problem:
         hyper_names: the hyperparameter names differentiated when ``"hyperparams"`` is a target.
         devices: CUDA device indices whose RNG is forked around each step.
         on_step: called once after every step (a progress bar), or ``None``.
-        init: ``init(params, hyperparams) -> state``, used by :meth:`bind` when ``state`` is
+        init: ``init(params, hyperparams) -> state``, used by ``bind`` when ``state`` is
             ``None`` (the state may depend on differentiated hyperparameters, e.g. Adagrad's
             ``initial_accumulator_value``, or exist only for tensor ones, e.g. SGD's momentum).
         multi: a multi-step that runs several steps per call (the compiled path, see
-            :func:`run_steps`), or ``None``: one :attr:`step` call per step.
+            ``run_steps``), or ``None``: one ``step`` call per step.
     """
 
     step: StepFn
@@ -556,12 +556,12 @@ def run_steps(
     whatever autograd mode the caller set. Returns the new carry and the step losses (attached
     to the graph when one is recorded).
 
-    With a :attr:`Problem.multi` (the compiled path), runs of ``multi.length`` consecutive steps
+    With a ``Problem.multi`` (the compiled path), runs of ``multi.length`` consecutive steps
     where ``multi.fits(k)`` go to ``multi.several(params, state, buffers, aux, hyperparams,
     batches)`` in one call (each batch still fetched after its own seed); that returns the new
     carry and the steps' losses, or ``None`` when the steps must run one by one (they drew
     random numbers, which need the seed of each step, or the multi-step cannot run here), and
-    the loop then runs them through :attr:`Problem.step`. The numbers are the same either way.
+    the loop then runs them through ``Problem.step``. The numbers are the same either way.
     """
     losses: list[torch.Tensor] = []
     params, state, buffers = carry
@@ -599,7 +599,7 @@ def run_steps(
 
 
 def check_opt(opt: Any, *, caller: str) -> None:
-    """Raise a teaching error unless ``opt`` is a hypergrad :class:`~hypergrad.optim.Optimizer`.
+    """Raise a teaching error if ``opt`` is not an [`Optimizer`][hypergrad.optim.Optimizer].
 
     Examples:
         >>> check_opt(torch.optim.SGD([torch.zeros(1)], lr=0.1), caller="hg.hypergrad")
@@ -772,12 +772,12 @@ def unroll(
     check_finite: bool = True,
     compile: bool | str | Compile = False,
 ) -> Trajectory:
-    """Run K differentiable optimizer steps of ``inner_loss`` and return the :class:`Trajectory`.
+    """Run K differentiable optimizer steps of ``inner_loss`` and return the ``Trajectory``.
 
     The steps are recorded by autograd whenever an input requires grad (``params``, ``aux``, a
     tensor hyperparameter), so ``torch.autograd.grad`` of anything computed from the result
     flows back through all K steps. For a hypergradient with a choice of method (checkpointing,
-    truncation, forward mode), use :func:`hypergrad.hypergrad`. Inputs are never modified.
+    truncation, forward mode), use [`hg.hypergrad`][hypergrad.hypergrad]. Inputs are never modified.
 
     Args:
         inner_loss: ``inner_loss(params, aux, batch) -> scalar``; when ``buffers`` is given it is
@@ -800,19 +800,20 @@ def unroll(
             ``torch.random.fork_rng``. Default: one draw from the global generator.
         progress: show a tqdm progress bar.
         inner_grad: how the step takes the inner gradient: ``"auto"``, ``"func"`` or
-            ``"autograd"`` (same numbers; see :mod:`hypergrad.unroll`).
+            ``"autograd"`` (same numbers; see the ``hypergrad.unroll`` module docstring).
         check_finite: after the loop, check (one device sync) that the losses and final params
             are finite; if not, replay to find the step and key and raise.
         compile: ``True`` compiles the steps (inner gradient + update) with ``torch.compile``,
             several consecutive steps per graph, and reuses the graphs across calls with the
-            same ``inner_loss`` and optimizer family (see :mod:`hypergrad._compile`); where
+            same ``inner_loss`` and optimizer family (see [`hg.Compile`][hypergrad.Compile]); where
             that fails it runs eagerly with one ``hg.CompileFallbackWarning``; ``"strict"``
             raises ``hg.CompileError`` instead; ``hg.Compile(steps_per_graph=S)`` sets how many
             steps one graph runs. A compiled trajectory supports one backward pass (no
             ``create_graph``).
 
     Returns:
-        ``Trajectory(params, state, buffers, losses)`` with ``losses`` of shape ``(K,)``.
+        A [`Trajectory`][hypergrad.unroll.Trajectory] ``(params, state, buffers, losses)`` with
+        ``losses`` of shape ``(K,)``.
 
     Raises:
         ValueError: a non-scalar inner loss, or batches that run out before ``steps``.

@@ -1,7 +1,7 @@
-"""How a hypergradient is taken: one engine (:mod:`hypergrad.unroll`), several methods.
+"""How a hypergradient is taken: one engine (module ``hypergrad.unroll``), several methods.
 
-Each method receives a :class:`hypergrad.unroll.Problem` and returns a
-:class:`~hypergrad.methods._base.MethodResult`; it changes only how the loop is differentiated.
+Each method receives a ``hypergrad.unroll.Problem`` and returns a
+[`MethodResult`][hypergrad.methods.MethodResult]; it changes only how the loop is differentiated.
 """
 
 from hypergrad.methods._base import Method, MethodResult

@@ -1,9 +1,10 @@
 """What every method shares: the method type, its result, and the leaf bookkeeping.
 
-A method turns a :class:`hypergrad.unroll.Problem` into a :class:`MethodResult`. It never builds
-a step: it declares what it needs from the step with two class attributes, ``first_order`` (the
-step must detach its inner gradient) and ``functional`` (the step must be transformable by
-torch.func), and whoever builds the problem (``hypergradient.py``, ``clients.py``) honours them.
+A method turns a ``hypergrad.unroll.Problem`` into a
+[`MethodResult`][hypergrad.methods.MethodResult]. It never builds a step: it declares what it needs
+from the step with two class attributes, ``first_order`` (the step must detach its inner gradient)
+and ``functional`` (the step must be transformable by torch.func), and whoever builds the problem
+(``hypergradient.py``, ``clients.py``) honours them.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ class MethodResult(NamedTuple):
 
     Attributes:
         value: the outer loss (detached 0-d tensor).
-        grads: the gradient of ``value`` for each key of :meth:`Problem.inputs`, shaped like it.
+        grads: the gradient of ``value`` for each key of ``Problem.inputs``, shaped like it.
         losses: the inner loss of each step, a detached 1-d tensor.
         unused: key paths (e.g. ``"['aux']['w']"``) of input leaves that the outer loss does not
             depend on at all (their gradient is identically zero); empty when the method cannot
@@ -82,7 +83,10 @@ def finish(
     value: torch.Tensor,
     losses: list[torch.Tensor],
 ) -> MethodResult:
-    """Assemble a :class:`MethodResult`: zeros (and an ``unused`` entry) where a grad is None."""
+    """Assemble a [`MethodResult`][hypergrad.methods.MethodResult].
+
+    Zeros (and an ``unused`` entry) where a grad is None.
+    """
     unused = tuple(p for p, g in zip(inputs.paths, grads) if g is None)
     full = [torch.zeros_like(x) if g is None else g for x, g in zip(inputs.leaves, grads)]
     tree = optree.tree_unflatten(inputs.spec, full)
@@ -117,7 +121,7 @@ def grad_or_none(
 class Method:
     """Base class of the hypergradient methods.
 
-    Subclasses implement :meth:`__call__` and state their time and memory cost in their
+    Subclasses implement ``__call__`` and state their time and memory cost in their
     docstring with K steps, T truncation, S segment, P parameters, D directions.
     """
 

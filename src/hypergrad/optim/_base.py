@@ -1,6 +1,7 @@
 """The functional optimizer type shared by every family.
 
-An :class:`Optimizer` is a pair of pure functions, ``init`` and ``step``, plus two dicts:
+An [`Optimizer`][hypergrad.optim.Optimizer] is a pair of pure functions, ``init`` and ``step``, plus
+two dicts:
 
 - ``hyperparams``: the *numbers* (lr, momentum, betas, eps, weight_decay, ...). Each may be a
   Python float, a 0-d tensor, a per-parameter dict keyed like the params, or a per-element tensor
@@ -27,7 +28,7 @@ __all__ = ["Optimizer"]
 class Optimizer:
     """A functional, out-of-place, differentiable optimizer.
 
-    Build one with a family constructor such as :func:`hypergrad.optim.sgd`, not directly.
+    Build one with a family constructor such as [`hg.optim.sgd`][hypergrad.optim.sgd], not directly.
 
     Attributes:
         name: the family, e.g. ``"sgd"``.
@@ -36,7 +37,7 @@ class Optimizer:
         init_fn: ``init_fn(params, hyperparams, options) -> state``.
         update_fn: ``update_fn(params, grads, state, hyperparams, options) -> (params, state)``.
         check_fn: optional ``check_fn(hyperparams, options)`` that raises ``ValueError`` for
-            invalid values; run by :meth:`replace`.
+            invalid values; run by [`replace`][hypergrad.optim.Optimizer.replace].
 
     Examples:
         >>> opt = hg.optim.sgd(lr=0.5)
@@ -64,7 +65,8 @@ class Optimizer:
 
         Args:
             params: the parameters the optimizer will update.
-            hyperparams: optional replacements for some of :attr:`hyperparams` (only Adagrad's
+            hyperparams: optional replacements for some of
+                [`hyperparams`][hypergrad.optim.Optimizer.hyperparams] (only Adagrad's
                 ``initial_accumulator_value`` enters the initial state).
 
         Examples:
@@ -98,7 +100,8 @@ class Optimizer:
         """The hyperparameters with every number turned into a 0-d tensor (tensors kept as is).
 
         The result is the natural input of a function you differentiate with ``torch.func``:
-        pass it (or a function of it) as ``hyperparams=`` to :meth:`step`.
+        pass it (or a function of it) as ``hyperparams=`` to
+        [`step`][hypergrad.optim.Optimizer.step].
 
         Args:
             dtype: dtype of the new tensors; use the params' dtype (default: torch's default).
@@ -134,9 +137,11 @@ class Optimizer:
         Args:
             params: the current parameters.
             grads: gradients with the same structure as ``params``.
-            state: the state returned by :meth:`init` or a previous :meth:`step`.
-            hyperparams: optional replacements for some or all of :attr:`hyperparams` (missing
-                names keep their value); pass tensors here to differentiate with respect to them.
+            state: the state returned by [`init`][hypergrad.optim.Optimizer.init] or a previous
+                [`step`][hypergrad.optim.Optimizer.step].
+            hyperparams: optional replacements for some or all of
+                [`hyperparams`][hypergrad.optim.Optimizer.hyperparams] (missing names keep their
+                value); pass tensors here to differentiate with respect to them.
 
         Raises:
             ValueError: ``grads`` or the state's buffers are not keyed like ``params``, or an

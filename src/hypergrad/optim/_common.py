@@ -1,7 +1,7 @@
 """Machinery shared by the optimizer families: hyperparameter checks and the flat-group step.
 
 Every family writes its maths once, as a function of tensors (``math(p, g, buffers, step, hp,
-options)``). :func:`flat_update` runs it once per (dtype, device) group of leaves: the leaves of
+options)``). ``flat_update`` runs it once per (dtype, device) group of leaves: the leaves of
 the params, grads and state buffers are concatenated into one flat vector each, per-parameter
 hyperparameters become flat vectors the same way, the maths runs once on the flat vectors, and the
 results are split back into leaves. This batches the tensor work like ``torch._foreach_*`` does,
@@ -360,7 +360,7 @@ def flat_update(
 def _resolve_all(
     caller: str, hyperparams: Mapping[str, Any], spec: optree.PyTreeSpec, shapes: list
 ) -> dict[str, Any]:
-    """:func:`resolve` every hyperparameter; numbers (the common case) pass straight through."""
+    """``resolve`` every hyperparameter; numbers (the common case) pass straight through."""
     hp: dict[str, Any] = {}
     paths = None
     for name, value in hyperparams.items():
@@ -437,11 +437,11 @@ def build(
     math: Math,
     check: Callable[[Mapping[str, Any], Mapping[str, Any]], None],
 ) -> Any:
-    """Assemble an :class:`~hypergrad.optim.Optimizer` from a family's maths.
+    """Assemble an [`Optimizer`][hypergrad.optim.Optimizer] from a family's maths.
 
     ``buffers(hyperparams, options)`` maps each buffer field of ``state_cls`` to ``None`` (off)
     or to its initial value (a hyperparameter form, e.g. ``0.0``); ``math`` is described in
-    :func:`flat_update`.
+    ``flat_update``.
     """
     from hypergrad.optim._base import Optimizer
 

@@ -25,7 +25,7 @@ Hyper = float | torch.Tensor | Mapping[str, Any]
 
 
 class AdagradState(NamedTuple):
-    """State of :func:`adagrad` (the names of torch.optim's state entries).
+    """State of [`adagrad`][hypergrad.optim.adagrad] (the names of torch.optim's state entries).
 
     Attributes:
         step: number of steps taken (a 0-d float tensor).
@@ -86,7 +86,7 @@ def adagrad(
     Hyperparameters may be floats, 0-d tensors, per-parameter dicts or per-element tensors.
     ``initial_accumulator_value`` enters the state made by ``opt.init``; to differentiate with
     respect to it pass it to ``opt.init(params, hyperparams={...})``. The square root is
-    zero-safe (double-``where`` trick, see :func:`hypergrad.optim.adam`).
+    zero-safe (double-``where`` trick, see [`hg.optim.adam`][hypergrad.optim.adam]).
 
     Args:
         lr: learning rate.
@@ -97,7 +97,8 @@ def adagrad(
         maximize: ascend instead of descend.
 
     Returns:
-        An :class:`Optimizer` whose state is :class:`AdagradState`.
+        An [`Optimizer`][hypergrad.optim.Optimizer] whose state is
+        [`AdagradState`][hypergrad.optim.AdagradState].
 
     Raises:
         ValueError: a negative ``lr``, ``lr_decay``, ``weight_decay``,

@@ -28,7 +28,9 @@ Hyper = float | torch.Tensor | Mapping[str, Any]
 
 
 class AdamState(NamedTuple):
-    """State of :func:`adam` and :func:`adamw` (the names of torch.optim's state entries).
+    """State of [`adam`][hypergrad.optim.adam] and [`adamw`][hypergrad.optim.adamw].
+
+    The names are those of torch.optim's state entries.
 
     Attributes:
         step: number of steps taken (a 0-d float tensor, as torch.optim's ``state["step"]``).
@@ -168,7 +170,8 @@ def adam(
         maximize: ascend instead of descend.
 
     Returns:
-        An :class:`Optimizer` whose state is :class:`AdamState`.
+        An [`Optimizer`][hypergrad.optim.Optimizer] whose state is
+        [`AdamState`][hypergrad.optim.AdamState].
 
     Raises:
         ValueError: a negative ``lr``, ``eps`` or ``weight_decay``, or a beta outside [0, 1).
@@ -213,7 +216,7 @@ def adamw(
     """Functional ``torch.optim.AdamW``: Adam with decoupled weight decay.
 
     The parameters are first multiplied by ``1 - lr * weight_decay``, then take the Adam step
-    of :func:`adam` (same hyperparameter forms, same zero-safe square root).
+    of [`adam`][hypergrad.optim.adam] (same hyperparameter forms, same zero-safe square root).
 
     Args:
         lr: learning rate.
@@ -224,7 +227,8 @@ def adamw(
         maximize: ascend instead of descend.
 
     Returns:
-        An :class:`Optimizer` whose state is :class:`AdamState`.
+        An [`Optimizer`][hypergrad.optim.Optimizer] whose state is
+        [`AdamState`][hypergrad.optim.AdamState].
 
     Raises:
         ValueError: a negative ``lr``, ``eps`` or ``weight_decay``, or a beta outside [0, 1).

@@ -26,7 +26,7 @@ Hyper = float | torch.Tensor | Mapping[str, Any]
 
 
 class RMSpropState(NamedTuple):
-    """State of :func:`rmsprop` (the names of torch.optim's state entries).
+    """State of [`rmsprop`][hypergrad.optim.rmsprop] (the names of torch.optim's state entries).
 
     Attributes:
         step: number of steps taken (a 0-d float tensor).
@@ -113,8 +113,8 @@ def rmsprop(
 
     Hyperparameters may be floats, 0-d tensors, per-parameter dicts or per-element tensors. The
     momentum buffer exists iff ``momentum`` is not the number 0. The square root is zero-safe
-    (double-``where`` trick, see :func:`hypergrad.optim.adam`): identical forward values, no
-    nan in the backward where a gradient element is exactly zero.
+    (double-``where`` trick, see [`hg.optim.adam`][hypergrad.optim.adam]): identical forward values,
+    no nan in the backward where a gradient element is exactly zero.
 
     Args:
         lr: learning rate.
@@ -126,7 +126,8 @@ def rmsprop(
         maximize: ascend instead of descend.
 
     Returns:
-        An :class:`Optimizer` whose state is :class:`RMSpropState`.
+        An [`Optimizer`][hypergrad.optim.Optimizer] whose state is
+        [`RMSpropState`][hypergrad.optim.RMSpropState].
 
     Raises:
         ValueError: a negative ``lr``, ``alpha``, ``eps``, ``weight_decay`` or ``momentum``.

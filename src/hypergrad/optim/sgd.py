@@ -25,7 +25,7 @@ __all__ = ["SGDState", "sgd"]
 
 
 class SGDState(NamedTuple):
-    """State of :func:`sgd`.
+    """State of [`sgd`][hypergrad.optim.sgd].
 
     Attributes:
         step: number of steps taken (a 0-d float tensor, as torch.optim's counters).
@@ -132,7 +132,8 @@ def sgd(
         maximize: ascend instead of descend.
 
     Returns:
-        An :class:`Optimizer` whose state is :class:`SGDState`.
+        An [`Optimizer`][hypergrad.optim.Optimizer] whose state is
+        [`SGDState`][hypergrad.optim.SGDState].
 
     Raises:
         ValueError: a negative ``lr``, ``momentum`` or ``weight_decay``, or nesterov without

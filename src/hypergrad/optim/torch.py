@@ -109,8 +109,8 @@ def from_torch(torch_optimizer: torch.optim.Optimizer, module_or_names: Any, /) 
             of names, one per parameter in the order of ``param_groups``.
 
     Returns:
-        The equivalent :class:`Optimizer`; use it on params keyed by those names, e.g.
-        ``hg.split(module)[0]``.
+        The equivalent [`Optimizer`][hypergrad.optim.Optimizer]; use it on params keyed by those
+        names, e.g. ``hg.split(module)[0]``.
 
     Raises:
         ValueError: an unsupported optimizer class; ``fused=True`` or ``capturable=True``; a

@@ -1,8 +1,8 @@
 """Checking tools for users' own bilevel code: finite-difference checks and hypothesis strategies.
 
-:func:`check_hypergrad` needs only torch. :mod:`hypergrad.testing.strategies` needs
-``hypothesis`` and is imported on first use (``hg.testing.strategies``), so ``import hypergrad``
-never requires it.
+[`check_hypergrad`][hypergrad.testing.check_hypergrad] needs only torch.
+[`hg.testing.strategies`][hypergrad.testing.strategies] needs ``hypothesis`` and is imported on
+first use (``hg.testing.strategies``), so ``import hypergrad`` never requires it.
 """
 
 from __future__ import annotations

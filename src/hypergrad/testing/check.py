@@ -45,12 +45,12 @@ class DirectionCheck:
 
 @dataclasses.dataclass(frozen=True)
 class HypergradCheck:
-    """The report of :func:`check_hypergrad`.
+    """The report of [`check_hypergrad`][hypergrad.testing.check_hypergrad].
 
     Attributes:
         method: the method checked, as written (e.g. ``hg.Checkpointed(2)``).
         wrt: what was differentiated.
-        directions: one :class:`DirectionCheck` per random direction.
+        directions: one [`DirectionCheck`][hypergrad.testing.DirectionCheck] per random direction.
         rtol: the relative tolerance used.
         atol: the absolute tolerance used.
         hypergradient: the (float64) hypergradient that was checked.
@@ -149,15 +149,15 @@ def check_hypergrad(
     measures their bias.
 
     Args:
-        outer_loss: as :func:`hypergrad.hypergrad`.
-        inner_loss: as :func:`hypergrad.hypergrad`.
+        outer_loss: as [`hg.hypergrad`][hypergrad.hypergrad].
+        inner_loss: as [`hg.hypergrad`][hypergrad.hypergrad].
         params: the initial params.
         opt: the optimizer.
         batches: the inner batches.
         outer_batch: the outer batch.
         aux: the auxiliary tree.
         method: the method to check.
-        wrt: what to differentiate (as :func:`hypergrad.hypergrad`).
+        wrt: what to differentiate (as [`hg.hypergrad`][hypergrad.hypergrad]).
         buffers: the initial buffers.
         steps: K.
         directions: the number of random directions.
@@ -168,7 +168,7 @@ def check_hypergrad(
         raise_on_failure: raise ``AssertionError`` (with the report) when a direction fails.
 
     Returns:
-        A :class:`HypergradCheck` report (``print`` it for a table).
+        A [`HypergradCheck`][hypergrad.testing.HypergradCheck] report (``print`` it for a table).
 
     Raises:
         AssertionError: a direction is out of tolerance and ``raise_on_failure`` is true.

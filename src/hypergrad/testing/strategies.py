@@ -78,7 +78,7 @@ class BilevelProblem(NamedTuple):
     model: torch.nn.Module
 
     def kwargs(self) -> dict[str, Any]:
-        """The arguments of :func:`hypergrad.hypergrad` / ``check_hypergrad`` as a dict."""
+        """Arguments of [`hg.hypergrad`][hypergrad.hypergrad] / ``check_hypergrad``, as a dict."""
         d = self._asdict()
         del d["model"]
         return d
@@ -209,7 +209,9 @@ def bilevel_problems(
     max_steps: int = 4,
     batch_size: int = 4,
 ) -> BilevelProblem:
-    """A complete :class:`BilevelProblem` (model, optimizer, K, data, aux) for property tests.
+    """A complete bilevel problem (model, optimizer, K, data, aux) for property tests.
+
+    Draws a [`BilevelProblem`][hypergrad.testing.strategies.BilevelProblem].
 
     Examples:
         >>> from hypothesis import given, settings
