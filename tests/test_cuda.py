@@ -1,0 +1,261 @@
+"""The library on a CUDA device: every method, dropout seeding, hg.clients, hg.optim, compile.
+
+Each case builds a small float64 problem on the device and compares it with the same problem on
+the CPU, with finite differences, with a Python loop over clients, or with ``torch.optim``.
+The problems and references come from the CPU suites (``test_compile``, ``test_clients``,
+``test_optim_torch``), imported rather than repeated; only the device changes.
+
+Without CUDA every case is skipped (``torch.cuda.is_available()`` is false). To check the cases
+themselves on a machine without a GPU, run them on the CPU:
+
+    HYPERGRAD_TEST_DEVICE=cpu python -m pytest tests/test_cuda.py -p no:cacheprovider
+
+``HYPERGRAD_TEST_DEVICE=cuda`` runs them on CUDA and fails, rather than skips, where CUDA is
+missing (``benchmarks/gpu.sh`` sets it, so a broken CUDA set-up cannot pass as all skipped).
+The compiled cases come last in this file (a cold ``torch.compile`` takes tens of seconds).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+import torch
+
+import hypergrad as hg
+import test_clients as tclients
+import test_compile as tcompile
+import test_optim_torch as toptim
+
+F64 = torch.float64
+_FORCED = os.environ.get("HYPERGRAD_TEST_DEVICE", "")
+if _FORCED not in ("", "cpu", "cuda"):
+    raise ValueError(f"HYPERGRAD_TEST_DEVICE must be 'cpu' or 'cuda', got {_FORCED!r}.")
+DEVICE = _FORCED or "cuda"
+
+pytestmark = pytest.mark.skipif(
+    not _FORCED and not torch.cuda.is_available(),
+    reason="no CUDA device (torch.cuda.is_available() is False): these cases run on a GPU "
+    "machine (benchmarks/gpu.sh); HYPERGRAD_TEST_DEVICE=cpu runs them on the CPU as a smoke check",
+)
+
+SGD, ADAM = tcompile.OPTIMIZERS["sgd"], tcompile.OPTIMIZERS["adam"]
+EXACT = {"reverse", "checkpointed", "forward"}  # Truncated(2) < K = 3 and first_order are biased
+
+
+def to_device(tree, device=DEVICE):
+    """Every tensor of ``tree`` moved to ``device`` (other leaves, e.g. functions, unchanged)."""
+    return hg.tree.map(lambda x: x.to(device) if isinstance(x, torch.Tensor) else x, tree)
+
+
+def cpu_leaves(result):
+    return [x.cpu() for x in tcompile.flat(result)]
+
+
+def on_device(result) -> bool:
+    return all(x.device.type == DEVICE for x in tcompile.flat(result))
+
+
+def rng_state() -> torch.Tensor:
+    return torch.cuda.get_rng_state() if DEVICE == "cuda" else torch.get_rng_state()
+
+
+# --------------------------------------------------------------------------------------------
+# Every method: the device gives the CPU's hypergradient, and finite differences agree
+
+
+@pytest.mark.parametrize("opt", ["sgd", "adam"])
+@pytest.mark.parametrize("method", list(tcompile.METHODS))
+def test_every_method_on_device_equals_cpu(method, opt):
+    # test_compile.problem: an MLP 3-5-1 (tanh), K = 3, float64; wrt aux, hyperparams, params
+    got = tcompile.run(method, tcompile.OPTIMIZERS[opt], compile=False, device=DEVICE)
+    want = tcompile.run(method, tcompile.OPTIMIZERS[opt], compile=False, device="cpu")
+    assert on_device(got)
+    tcompile.assert_close(cpu_leaves(got), tcompile.flat(want), F64)
+
+
+@pytest.mark.parametrize("method", list(tcompile.METHODS))
+def test_every_method_on_device_matches_check_hypergrad(method):
+    kwargs = tcompile.problem(device=DEVICE)
+    exact = method in EXACT
+    report = hg.testing.check_hypergrad(
+        **kwargs, opt=ADAM, method=tcompile.METHODS[method], wrt=tcompile.WRT[method],
+        directions=2, raise_on_failure=exact,
+    )  # fmt: skip
+    assert report.passed == exact, str(report)  # the biased methods' bias is measurable
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="hg.hypergrad: aux does not affect")
+        got = hg.hypergrad(
+            **kwargs, opt=ADAM, method=tcompile.METHODS[method], wrt=tcompile.WRT[method]
+        )
+    tcompile.assert_close(report.hypergradient, got, F64)  # the report holds our hypergradient
+
+
+# --------------------------------------------------------------------------------------------
+# Dropout: the per-step seeds drive the device's generator
+
+
+def dropout_problem(**changes):
+    return tcompile.problem(device=DEVICE) | {"inner_loss": tcompile.dropout_inner} | changes
+
+
+def test_dropout_with_a_fixed_seed_repeats_on_device_and_leaves_its_generator_alone():
+    before = rng_state()
+    first = hg.hypergrad(**dropout_problem(), opt=SGD, wrt=("aux", "lr"))
+    again = hg.hypergrad(**dropout_problem(), opt=SGD, wrt=("aux", "lr"))
+    assert torch.equal(rng_state(), before)  # seed= given: the caller's generator is untouched
+    assert on_device(first)
+    tcompile.assert_close(again, first, F64)
+    other_seed = hg.hypergrad(**dropout_problem(seed=8), opt=SGD, wrt=("aux", "lr"))
+    no_dropout = hg.hypergrad(**tcompile.problem(device=DEVICE), opt=SGD, wrt=("aux", "lr"))
+    for other in (other_seed, no_dropout):  # the masks are drawn, and drawn from the seed
+        assert not torch.allclose(other.aux, first.aux)
+
+
+@pytest.mark.parametrize(
+    "method", [hg.Checkpointed(1), hg.Checkpointed(2), "forward"], ids=["ckpt1", "ckpt2", "fwd"]
+)
+def test_recomputing_methods_see_the_same_dropout_masks_on_device(method):
+    want = hg.hypergrad(**dropout_problem(), opt=ADAM, wrt=("aux", "lr"))
+    got = hg.hypergrad(**dropout_problem(), opt=ADAM, wrt=("aux", "lr"), method=method)
+    tcompile.assert_close(got, want, F64)
+
+
+# --------------------------------------------------------------------------------------------
+# hg.clients: the vmapped clients equal a Python loop over clients on the same device
+
+
+CLIENT_CASES = [  # (method, chunk_size, batchnorm, optimizer)
+    ("reverse", None, False, "adam"),
+    ("reverse", 2, False, "sgd"),
+    ("reverse", None, True, "adam"),
+    ("checkpointed", None, False, "sgd"),
+    ("truncated", None, False, "adam"),
+    ("forward", None, False, "sgd"),
+]
+
+
+@pytest.mark.parametrize(
+    ("method_name", "chunk_size", "bn", "opt_name"),
+    CLIENT_CASES,
+    ids=[f"{m}-chunk{c}-{'bn' if b else 'plain'}-{o}" for m, c, b, o in CLIENT_CASES],
+)
+def test_clients_on_device_equal_a_python_loop(method_name, chunk_size, bn, opt_name):
+    # test_clients.make: 3 client MLPs 3-4-1, 2 rounds of 2 steps, per-client lr, FedAvg weights
+    prob = tclients.make(F64, bn=bn, affine=method_name != "forward")
+    prob = {k: to_device(v) for k, v in prob.items()}
+    opt = tclients.OPTS[opt_name]()
+    method, ref_kwargs = tclients.METHODS[method_name]
+    lr = torch.tensor([0.1, 0.05, 0.08], dtype=F64, device=DEVICE)
+    weights = torch.tensor([1.0, 2.0, 3.0], dtype=F64, device=DEVICE)
+    g = hg.clients.hypergrad(
+        prob["outer"], prob["inner"], prob["params"], opt, prob["batches"], prob["outer_batch"],
+        aux=prob["aux"], buffers=prob["buffers"], method=method, wrt=("aux", "lr"),
+        hyperparams={"lr": lr}, in_dims={"hyperparams": {"lr": 0}}, steps=tclients.K,
+        rounds=tclients.R, weights=weights, chunk_size=chunk_size, seed=0,
+    )  # fmt: skip
+    hp = {**opt.hyperparams, "lr": lr}
+    value, ref = tclients.loop_reference(
+        prob, opt, hp, ("lr",), ("lr",), weights=weights, **ref_kwargs
+    )
+    assert on_device(g)
+    tol = {"rtol": 1e-10, "atol": 1e-12}
+    torch.testing.assert_close(g.value, value, **tol)
+    torch.testing.assert_close(g.aux, ref["aux"], **tol)
+    torch.testing.assert_close(g.hyperparams["lr"], ref["hyperparams"]["lr"], **tol)
+    assert hg.tree.norm(g.aux) > 0
+
+
+def padded_clients_hypergrad(device):
+    """Clients with 5, 8 and 3 examples on ``device``: pad, sample batches, masked mean."""
+    gen = torch.Generator().manual_seed(3)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen, dtype=F64).to(device)
+
+    datasets = [(rand(n, 3), rand(n)) for n in (5, 8, 3)]
+    padded = hg.clients.pad(datasets)  # the data are on the device: so must the mask be
+    batches = hg.clients.batches(
+        padded, 4, batch_size=4, generator=torch.Generator().manual_seed(0)
+    )
+
+    def inner(p, a, batch):
+        (x, y), mask = batch
+        return hg.clients.masked_mean((x @ p["w"] - y) ** 2, mask) + a * (p["w"] ** 2).sum()
+
+    def outer(p, a, batch):
+        return ((batch[0] @ p["w"] - batch[1]) ** 2).mean()
+
+    return hg.clients.hypergrad(
+        outer, inner, {"w": rand(3)}, hg.optim.sgd(lr=0.1, momentum=0.5), batches,
+        (rand(6, 3), rand(6)), aux=torch.tensor(0.1, dtype=F64, device=device),
+        in_dims={"params": None}, wrt=("aux", "params"), steps=2, rounds=2,
+        weights=padded.sizes, seed=0,
+    )  # fmt: skip
+
+
+def test_padded_clients_on_device_equal_cpu():
+    got = padded_clients_hypergrad(DEVICE)
+    want = padded_clients_hypergrad("cpu")
+    assert on_device(got)
+    tcompile.assert_close(cpu_leaves(got), tcompile.flat(want), F64)
+    assert hg.tree.norm(got.aux) > 0
+
+
+# --------------------------------------------------------------------------------------------
+# hg.optim: the functional optimizers follow torch.optim on the device
+
+
+@pytest.mark.parametrize("foreach", [False, True], ids=["for-loop", "foreach"])
+@pytest.mark.parametrize(
+    ("cls", "first", "rest", "common"),
+    toptim.CASES,
+    ids=[f"{c.__name__}{i}" for i, (c, *_) in enumerate(toptim.CASES)],
+)
+def test_optimizers_follow_torch_optim_on_device(cls, first, rest, common, foreach):
+    m = toptim.model().to(DEVICE)  # before the optimizer: .to keeps the Parameter objects
+    params = {n: p.detach().clone() for n, p in m.named_parameters()}
+    torch_opt = toptim.two_groups(m, cls, first, rest, foreach=foreach, **common)
+    opt = hg.optim.from_torch(torch_opt, m)
+    state = opt.init(params)
+    x = torch.randn(8, 3, dtype=F64, device=DEVICE)
+    for _ in range(20):
+        torch_opt.zero_grad()
+        m(x).square().sum().backward()
+        grads = {n: p.grad.clone() for n, p in m.named_parameters()}
+        torch_opt.step()
+        params, state = opt.step(params, grads, state)
+    for n, p in m.named_parameters():
+        assert params[n].device == p.device
+        torch.testing.assert_close(params[n], p.detach(), rtol=1e-10, atol=1e-12, msg=n)
+    devices = {x.device.type for x in hg.tree.leaves(state) if isinstance(x, torch.Tensor)}
+    assert devices <= {DEVICE}, devices  # the state lives with the params
+
+
+# --------------------------------------------------------------------------------------------
+# compile=True on the device (test_compile runs its own cases on CUDA too: -k cuda)
+
+
+def test_compiled_dropout_on_device_equals_eager_without_a_fallback():
+    # the compiled steps draw the device generator's numbers (fallback_random), so Checkpointed
+    # recomputes eager's masks; the multi-step's generator check watches the device generator
+    kwargs = {"device": DEVICE, "inner_loss": tcompile.dropout_inner}
+    eager = tcompile.run("checkpointed", SGD, compile=False, **kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", hg.CompileFallbackWarning)
+        compiled = tcompile.run("checkpointed", SGD, compile=True, **kwargs)
+    assert on_device(compiled)
+    tcompile.assert_close(compiled, eager, F64)
+
+
+def test_compiled_clients_on_device_equal_eager_without_a_fallback():
+    kwargs = tcompile.clients_problem(clients=2)
+    for key in ("params", "batches", "outer_batch", "aux"):
+        kwargs[key] = to_device(kwargs[key])
+    eager = hg.clients.hypergrad(**kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", hg.CompileFallbackWarning)
+        compiled = hg.clients.hypergrad(**kwargs, compile=True)
+    assert on_device(compiled)
+    tcompile.assert_close(compiled, eager, F64)
