@@ -1,8 +1,8 @@
 """The compiled fast path: ``torch.compile``-d steps, several steps per graph, eager fallback.
 
-This module sits at the level of :mod:`hypergrad.unroll` (it imports nothing above
-:mod:`hypergrad.optim`): it wraps any step function ``step(params, state, buffers, aux,
-hyperparams, batch)`` (the engine's, or a ``torch.func.vmap``-ed one from :mod:`hypergrad.clients`)
+This module sits at the level of ``hypergrad.unroll`` (it imports nothing above
+``hypergrad.optim``): it wraps any step function ``step(params, state, buffers, aux,
+hyperparams, batch)`` (the engine's, or a ``torch.func.vmap``-ed one from ``hypergrad.clients``)
 and hands back a step with the same signature, plus a *multi-step* that runs several steps as
 one compiled graph, so the loop and the methods run unchanged.
 
@@ -12,11 +12,11 @@ What is compiled, and how
 The whole step (inner loss, inner gradient by ``torch.func.grad_and_value``, optimizer update)
 is one graph: ``torch.compile(step, fullgraph=True, dynamic=False,
 options={"fallback_random": True})``; and so is a run of S consecutive steps (the loop over
-their S batches is unrolled into one graph), which :func:`hypergrad.unroll.run_steps` calls
+their S batches is unrolled into one graph), which ``hypergrad.unroll.run_steps`` calls
 once per S steps. A compiled call costs a fixed overhead (guards, the autograd wrapper, one
 backward node) that is about as large as a small model's step on a CPU; S steps per graph pay
 it once, and let inductor fuse the optimizer update of one step with the next step's forward.
-S is :attr:`Compile.steps_per_graph`; by default (``None``) :func:`steps_per_graph` chooses
+S is ``Compile.steps_per_graph``; by default (``None``) ``steps_per_graph`` chooses
 it from the number of steps K: K itself up to 6, else the S in 4..6 that leaves the fewest
 steps over (K=20: 5, K=16: 4, K=12: 6, K=11: 5), so one graph serves every chunk and the
 remaining steps run one per graph. The compile time grows with S (each step adds kernels), the
@@ -49,8 +49,8 @@ The outer ``torch.autograd.grad`` differentiates through the compiled steps' bac
 first-order backward of a graph that contains the inner gradient), so ``"reverse"``,
 ``Truncated``, ``Checkpointed`` and ``"first_order"`` run compiled.
 
-Caching: a compiled step is kept (a small LRU of :data:`CACHE_SIZE` entries) under a key built
-by :func:`step_key` from the inner loss (by identity), the optimizer's family, update function
+Caching: a compiled step is kept (a small LRU of ``CACHE_SIZE`` entries) under a key built
+by ``step_key`` from the inner loss (by identity), the optimizer's family, update function
 and static options, and the step's static switches, plus the dtypes and devices of the params
 (read at the first step of each call). Hyperparameter *values* are not in the key: they are
 inputs of the step. Repeated ``hg.hypergrad`` calls with the same ``inner_loss`` and optimizer
@@ -63,12 +63,12 @@ falls back (see below) with advice. A *float* hyperparameter is a compile-time c
 calls compiles new variants; vary a hyperparameter as a 0-d tensor (``hyperparams={"lr":
 torch.tensor(0.05)}``, or name it in ``wrt``, which makes it one) and nothing recompiles.
 
-Fallback: the step runs eagerly, with ONE :class:`CompileFallbackWarning` per public call naming
+Fallback: the step runs eagerly, with ONE ``CompileFallbackWarning`` per public call naming
 the cause, when compilation fails (a graph break, an unsupported op, the recompile limit), and
 when the step is called inside a ``torch.func`` transform (``method="forward"``, or a user's
 ``torch.func.grad`` over ``hg.unroll``): PyTorch cannot apply ``torch.func.jvp``/``vmap``/
 ``grad`` to a compiled function (pytorch/pytorch#128711). ``compile="strict"`` raises
-:class:`CompileError` instead. If the eager step fails too, its error (the user's) is raised.
+``CompileError`` instead. If the eager step fails too, its error (the user's) is raised.
 A multi-step graph that fails to compile where one step compiles falls back to one step per
 graph, silently (compiled, same numbers).
 
@@ -118,7 +118,7 @@ COMPILE_KWARGS: dict[str, Any] = {
     "options": {"fallback_random": True},
 }
 
-#: The chunk lengths :func:`steps_per_graph` chooses from when K is longer than the largest.
+#: The chunk lengths ``steps_per_graph`` chooses from when K is longer than the largest.
 AUTO_STEPS_PER_GRAPH = (6, 5, 4)
 
 _NON_LEAF_GRAD = r"The \.grad attribute of a Tensor that is not a leaf Tensor"
@@ -152,10 +152,12 @@ class Compile:
 
     Args:
         steps_per_graph: how many consecutive steps one compiled graph runs. ``None`` (default)
-            chooses from the number of steps K (see :func:`steps_per_graph`); larger compiles
-            longer and runs faster; ``1`` compiles one step per graph (the shortest compile).
-        strict: raise :class:`CompileError` where the step cannot be compiled, instead of
-            running it eagerly with a :class:`CompileFallbackWarning` (``compile="strict"``).
+            chooses from the number of steps K (see
+            [`steps_per_graph`][hypergrad._compile.steps_per_graph]); larger compiles longer and
+            runs faster; ``1`` compiles one step per graph (the shortest compile).
+        strict: raise [`hg.CompileError`][hypergrad.CompileError] where the step cannot be
+            compiled, instead of running it eagerly with a
+            [`hg.CompileFallbackWarning`][hypergrad.CompileFallbackWarning] (``compile="strict"``).
 
     Examples:
         >>> hg.Compile(steps_per_graph=2)
@@ -187,7 +189,7 @@ class Compile:
 
 
 def check_compile(compile: Any, *, caller: str) -> Compile | None:
-    """Validate a ``compile=`` argument: ``None`` for ``False``, else the :class:`Compile` options.
+    """Validate a ``compile=`` argument: ``None`` for ``False``, else the ``Compile`` options.
 
     ``True`` is ``Compile()``, ``"strict"`` is ``Compile(strict=True)``.
 
@@ -216,10 +218,10 @@ def check_compile(compile: Any, *, caller: str) -> Compile | None:
 def steps_per_graph(steps: int, options: Compile) -> int:
     """How many steps one compiled graph runs, for an unroll of ``steps`` steps.
 
-    The user's :attr:`Compile.steps_per_graph` if set; else ``steps`` itself when it is at most
-    the largest of :data:`AUTO_STEPS_PER_GRAPH`, otherwise the length among them that leaves
-    the fewest steps over (the longer one on a tie): every chunk then has that one length, and
-    the steps left over run one per graph.
+    The user's [`Compile.steps_per_graph`][hypergrad.Compile.steps_per_graph] if set; else
+    ``steps`` itself when it is at most the largest of ``AUTO_STEPS_PER_GRAPH``, otherwise the
+    length among them that leaves the fewest steps over (the longer one on a tie): every chunk
+    then has that one length, and the steps left over run one per graph.
 
     Examples:
         >>> [steps_per_graph(k, Compile()) for k in (1, 3, 10, 11, 12, 16, 20, 1000)]
@@ -453,8 +455,8 @@ def _generator_states(tree: Any) -> list[torch.Tensor]:
 class _CompiledStep:
     """A step with the engine's signature: compiled when possible, else eager (see module doc).
 
-    :meth:`several` runs several steps as one graph (the engine's multi-step protocol, see
-    :func:`hypergrad.unroll.run_steps`): ``length`` steps per call, ``fits(k)``, and a call
+    ``several`` runs several steps as one graph (the engine's multi-step protocol, see
+    ``hypergrad.unroll.run_steps``): ``length`` steps per call, ``fits(k)``, and a call
     that returns ``None`` when those steps must run one by one.
     """
 
@@ -571,18 +573,18 @@ def compile_step(
         step: a step function ``step(params, state, buffers, aux, hyperparams, batch)`` that is
             traceable by torch.func (the engine's ``make_step(..., inner_grad="func")``, or a
             ``torch.func.vmap`` of it). It is also the eager fallback.
-        compile: the options from :func:`check_compile`; ``None`` returns ``step``.
+        compile: the options from ``check_compile``; ``None`` returns ``step``.
         caller: the public name used in warnings and errors.
-        key: reuse the compiled step cached under this key (see :func:`step_key`); ``None``
+        key: reuse the compiled step cached under this key (see ``step_key``); ``None``
             compiles afresh. The key must capture everything ``step`` closes over except the
             hyperparameter values, which every call must pass in full.
-        steps: the number of steps of the unroll, from which :func:`steps_per_graph` chooses
+        steps: the number of steps of the unroll, from which ``steps_per_graph`` chooses
             how many steps one graph runs.
 
     Returns:
         A step with the same signature and results; a compiled one also has ``length``,
         ``fits(k)`` and ``several(...)``, the multi-step that
-        :func:`hypergrad.unroll.run_steps` uses.
+        ``hypergrad.unroll.run_steps`` uses.
 
     Examples:
         >>> opt = hg.optim.sgd(lr=0.5)
