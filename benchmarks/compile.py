@@ -48,7 +48,7 @@ from _timing import interleaved_medians
 from torch import nn
 
 import hypergrad as hg
-from hypergrad._compile import steps_per_graph
+from hypergrad._engine.compile import steps_per_graph
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # torch notes that disabling the caches (our cold-compile measurement) disables its PGO too.

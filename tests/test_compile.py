@@ -16,7 +16,8 @@ import torch
 from torch._dynamo.utils import counters
 
 import hypergrad as hg
-from hypergrad import _compile
+from hypergrad._engine import compile as _compile
+from hypergrad._clients.federation import _WithinRounds
 
 K = 3
 NO_CUDA = "no CUDA device in this session: the CUDA cases run only where torch.cuda.is_available()"
@@ -467,7 +468,7 @@ def test_clients_chunks_fit_inside_a_round():
         def fits(self, k):
             return True
 
-    within = hg.clients._WithinRounds(Multi(), 3, prelude=None)
+    within = _WithinRounds(Multi(), 3, prelude=None)
     assert [within.fits(k) for k in range(6)] == [True, True, False, True, True, False]
 
 

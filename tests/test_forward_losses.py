@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import hypergrad as hg
-from hypergrad._forward_safe import REPLACED, _ForwardSafeLosses, forward_safe_losses
+from hypergrad.methods.forward_safe import REPLACED, _ForwardSafeLosses, forward_safe_losses
 
 K = 2
 N, C = 4, 3  # examples, classes / features per head

@@ -11,7 +11,9 @@ import torch
 from torch import nn
 
 import hypergrad as hg
-from hypergrad.unroll import Batches, Carry, Problem, make_step, run_steps
+from hypergrad._engine.batches import Batches
+from hypergrad._engine.problem import Carry, Problem, run_steps
+from hypergrad._engine.step import make_step
 
 
 def quad_loss(p, aux, x):
@@ -164,7 +166,7 @@ def test_iterable_batches_are_consumed_lazily_and_kept():
             fetched.append(k)
             yield torch.full((2,), float(k))
 
-    source = Batches(gen(), 3, caller="hg.unroll")
+    source = Batches(gen(), 3)
     assert fetched == []
     first = source.at(1)
     assert fetched == [0, 1]

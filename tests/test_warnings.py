@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import hypergrad as hg
-from hypergrad._warnings import torch_notices_hidden
+from hypergrad._engine.notices import torch_notices_hidden
 
 FORWARD_CALL = """
 import torch

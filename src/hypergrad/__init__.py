@@ -5,16 +5,18 @@ another model, learning rates, weight decays, per-example weights or the initial
 """
 
 from hypergrad import clients, nn, optim, testing, tree
-from hypergrad._compile import Compile, CompileError, CompileFallbackWarning
+from hypergrad._clients import Clients
+from hypergrad._engine.compile import Compile, CompileError, CompileFallbackWarning
 from hypergrad.hypergradient import Hypergradient, hypergrad
 from hypergrad.methods import Checkpointed, Forward, Truncated
 from hypergrad.nn import call, load, split, stack, unstack
-from hypergrad.unroll import Trajectory, unroll
+from hypergrad.trajectory import Trajectory, unroll
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Checkpointed",
+    "Clients",
     "Compile",
     "CompileError",
     "CompileFallbackWarning",

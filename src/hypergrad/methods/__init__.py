@@ -1,9 +1,10 @@
-"""How a hypergradient is taken: one engine (module ``hypergrad.unroll``), several methods.
+"""How a hypergradient is taken: one engine (``hypergrad._engine``), several methods.
 
-Each method receives a ``hypergrad.unroll.Problem`` and returns a
+Each method receives a ``Problem`` (``hypergrad._engine.problem``) and returns a
 [`MethodResult`][hypergrad.methods.MethodResult]; it changes only how the loop is differentiated.
 """
 
+from hypergrad._boundary import caller
 from hypergrad.methods._base import Method, MethodResult
 from hypergrad.methods.checkpointed import Checkpointed
 from hypergrad.methods.first_order import FirstOrder
@@ -25,13 +26,13 @@ __all__ = [
 _NAMES = {"reverse": Reverse, "forward": Forward, "first_order": FirstOrder}
 
 
-def resolve(method: str | Method, *, caller: str) -> Method:
+def resolve(method: str | Method) -> Method:
     """Turn ``"reverse"`` / ``"forward"`` / ``"first_order"`` or a method object into a method.
 
     Examples:
-        >>> resolve("forward", caller="hg.hypergrad")
+        >>> resolve("forward")
         "forward"
-        >>> resolve(hg.Checkpointed(10), caller="hg.hypergrad")
+        >>> resolve(hg.Checkpointed(10))
         hg.Checkpointed(10)
     """
     if isinstance(method, Method):
@@ -39,6 +40,6 @@ def resolve(method: str | Method, *, caller: str) -> Method:
     if isinstance(method, str) and method in _NAMES:
         return _NAMES[method]()
     raise ValueError(
-        f"{caller}: unknown method {method!r}; use 'reverse', 'forward', 'first_order', "
+        f"{caller()}: unknown method {method!r}; use 'reverse', 'forward', 'first_order', "
         "hg.Truncated(T), hg.Checkpointed(segment) or hg.Forward(chunk_size)."
     )

@@ -1,6 +1,6 @@
 """What every method shares: the method type, its result, and the leaf bookkeeping.
 
-A method turns a ``hypergrad.unroll.Problem`` into a
+A method turns a ``Problem`` (``hypergrad._engine.problem``) into a
 [`MethodResult`][hypergrad.methods.MethodResult]. It never builds a step: it declares what it needs
 from the step with two class attributes, ``first_order`` (the step must detach its inner gradient)
 and ``functional`` (the step must be transformable by torch.func), and whoever builds the problem
@@ -15,8 +15,8 @@ import optree
 import torch
 
 from hypergrad import tree as _tree
+from hypergrad._engine.problem import Problem
 from hypergrad.tree import PyTree
-from hypergrad.unroll import Problem
 
 __all__ = ["Inputs", "Method", "MethodResult", "fresh_leaves", "leaf_inputs"]
 
@@ -130,8 +130,20 @@ class Method:
     first_order: ClassVar[bool] = False
     #: The step must be transformable by torch.func (``inner_grad="func"``).
     functional: ClassVar[bool] = False
+    #: Reverse mode: the method backpropagates a scalar through the steps, so it can also
+    #: differentiate a range of steps given the cotangent of their end (client chunks do).
+    reverse_mode: ClassVar[bool] = False
 
-    def validate(self, problem: Problem, *, caller: str) -> None:
+    def restricted(self, first: int, last: int, total: int) -> tuple[Method | None, bool]:
+        """This method on steps ``[first, last)`` of a ``total``-step unroll.
+
+        Returns the method to differentiate that range with (``None``: the range is not
+        differentiated) and whether the gradient flows on into the range's start. Exact
+        methods differentiate every range as a whole; ``hg.Truncated`` overrides this.
+        """
+        return self, True
+
+    def validate(self, problem: Problem) -> None:
         """Raise ``ValueError`` if this method cannot differentiate ``problem`` as asked."""
 
     def evaluations(self, problem: Problem) -> int:

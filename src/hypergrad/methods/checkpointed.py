@@ -5,6 +5,9 @@ from __future__ import annotations
 import torch
 
 from hypergrad import tree as _tree
+from hypergrad._boundary import entered, positive_int
+from hypergrad._engine.problem import Carry, Problem, run_steps
+from hypergrad._engine.step import requires_grad
 from hypergrad.methods._base import (
     Method,
     MethodResult,
@@ -13,7 +16,6 @@ from hypergrad.methods._base import (
     grad_or_none,
     leaf_inputs,
 )
-from hypergrad.unroll import Carry, Problem, requires_grad, run_steps
 
 __all__ = ["Checkpointed"]
 
@@ -72,14 +74,11 @@ class Checkpointed(Method):
     """
 
     name = "checkpointed"
+    reverse_mode = True
 
     def __init__(self, segment: int) -> None:
-        if not isinstance(segment, int) or isinstance(segment, bool) or segment < 1:
-            raise ValueError(
-                f"hg.Checkpointed: segment must be a positive int (steps between stored "
-                f"carries), got {segment!r}."
-            )
-        self.segment = segment
+        with entered("hg.Checkpointed"):
+            self.segment = positive_int(segment, "segment", "(steps between stored carries)")
 
     def evaluations(self, problem: Problem) -> int:
         return 2 * problem.steps

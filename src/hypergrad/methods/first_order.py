@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from hypergrad._engine.problem import Problem
 from hypergrad.methods._base import Method, MethodResult
 from hypergrad.methods.reverse import reverse_from
-from hypergrad.unroll import Problem
 
 __all__ = ["FirstOrder"]
 
@@ -31,6 +31,7 @@ class FirstOrder(Method):
 
     name = "first_order"
     first_order = True
+    reverse_mode = True
 
     def __call__(self, problem: Problem) -> MethodResult:
         return reverse_from(problem, 0)

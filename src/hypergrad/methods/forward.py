@@ -7,10 +7,11 @@ import math
 import torch
 
 from hypergrad import tree as _tree
-from hypergrad._forward_safe import REPLACED, forward_safe_losses
-from hypergrad._warnings import torch_notices_hidden
+from hypergrad._boundary import caller, entered, positive_int
+from hypergrad._engine.notices import torch_notices_hidden
+from hypergrad._engine.problem import Problem, run_steps
 from hypergrad.methods._base import Method, MethodResult
-from hypergrad.unroll import Problem, run_steps
+from hypergrad.methods.forward_safe import REPLACED, forward_safe_losses
 
 __all__ = ["Forward"]
 
@@ -26,7 +27,7 @@ def _explain_zero_tensor_bug(error: RuntimeError) -> RuntimeError:
     """The torch bug #123996 struck an op that `forward_safe_losses` does not rewrite."""
     replaced = ", ".join(f"F.{f.__name__}" for f in REPLACED)
     return RuntimeError(
-        "hg.hypergrad(method='forward'): torch's forward-mode rule for an op in inner_loss's "
+        f"{caller()}(method='forward'): torch's forward-mode rule for an op in inner_loss's "
         f"gradient failed ({error}). This is a torch bug (pytorch/pytorch#123996) that strikes "
         "when one input of that op carries no tangent, typically a target tensor (captured in "
         f"a closure or passed in the batch). hypergrad's forward mode rewrites {replaced} (and "
@@ -41,7 +42,7 @@ def _explain_zero_tensor_bug(error: RuntimeError) -> RuntimeError:
 def _explain_no_forward_rule(error: NotImplementedError) -> NotImplementedError:
     """torch has no forward-mode rule for an op of the inner loss or of its backward."""
     return NotImplementedError(
-        "hg.hypergrad(method='forward'): torch has no forward-mode rule for an op in inner_loss "
+        f"{caller()}(method='forward'): torch has no forward-mode rule for an op in inner_loss "
         f"or in its gradient ({str(error).splitlines()[0]}). Forward mode differentiates the "
         "inner gradient forward-over-reverse (torch.func.jvp of torch.func.grad), so every op "
         "of inner_loss and of its backward needs one. Fixes: write that part of the loss with "
@@ -110,13 +111,8 @@ class Forward(Method):
     functional = True
 
     def __init__(self, chunk_size: int | None = None) -> None:
-        if chunk_size is not None and (
-            not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1
-        ):
-            raise ValueError(
-                f"hg.Forward: chunk_size must be a positive int or None, got {chunk_size!r}."
-            )
-        self.chunk_size = chunk_size
+        with entered("hg.Forward"):
+            self.chunk_size = positive_int(chunk_size, "chunk_size", none="")
 
     def _size(self, problem: Problem) -> int:
         return sum(x.numel() for x in _tree.leaves(problem.inputs()))
@@ -125,11 +121,11 @@ class Forward(Method):
         d = max(self._size(problem), 1)
         return problem.steps * math.ceil(d / (self.chunk_size or d))
 
-    def validate(self, problem: Problem, *, caller: str) -> None:
+    def validate(self, problem: Problem) -> None:
         dtypes = {x.dtype for x in _tree.leaves(problem.inputs())}
         if len(dtypes) > 1:
             raise ValueError(
-                f"{caller}: method='forward' pushes one tangent vector through all inputs, so "
+                f"{caller()}: method='forward' pushes one tangent vector through all inputs, so "
                 f"they need one dtype; got {sorted(str(d) for d in dtypes)}. Cast aux and "
                 "params to one dtype, or use method='reverse'."
             )

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from hypergrad._engine.problem import Problem, run_steps
 from hypergrad.methods._base import Method, MethodResult, finish, grad_or_none, leaf_inputs
-from hypergrad.unroll import Problem, run_steps
 
 __all__ = ["Reverse", "reverse_from"]
 
@@ -43,6 +43,7 @@ class Reverse(Method):
     """
 
     name = "reverse"
+    reverse_mode = True
 
     def __call__(self, problem: Problem) -> MethodResult:
         return reverse_from(problem, 0)

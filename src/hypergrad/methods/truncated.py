@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from hypergrad._boundary import caller, entered, positive_int
+from hypergrad._engine.problem import Problem
 from hypergrad.methods._base import Method, MethodResult
-from hypergrad.methods.reverse import reverse_from
-from hypergrad.unroll import Problem
+from hypergrad.methods.reverse import Reverse, reverse_from
 
 __all__ = ["Truncated"]
 
@@ -34,19 +35,18 @@ class Truncated(Method):
     """
 
     name = "truncated"
+    reverse_mode = True
 
     def __init__(self, steps: int) -> None:
-        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-            raise ValueError(
-                f"hg.Truncated: steps must be a positive int (the number of final steps to "
-                f"differentiate), got {steps!r}."
+        with entered("hg.Truncated"):
+            self.steps = positive_int(
+                steps, "steps", "(the number of final steps to differentiate)"
             )
-        self.steps = steps
 
-    def validate(self, problem: Problem, *, caller: str) -> None:
+    def validate(self, problem: Problem) -> None:
         if "params" in problem.targets and self.steps < problem.steps:
             raise ValueError(
-                f"{caller}: hg.Truncated({self.steps}) cannot differentiate with respect to the "
+                f"{caller()}: hg.Truncated({self.steps}) cannot differentiate with respect to the "
                 f"initial params: with {problem.steps} steps, the first "
                 f"{problem.steps - self.steps} run without a graph, so the gradient would be "
                 f"silently zero. Use hg.Truncated({problem.steps}), method='reverse' or "
@@ -55,6 +55,20 @@ class Truncated(Method):
 
     def __call__(self, problem: Problem) -> MethodResult:
         return reverse_from(problem, max(problem.steps - self.steps, 0))
+
+    def restricted(self, first: int, last: int, total: int) -> tuple[Method | None, bool]:
+        """The last ``T`` steps of ``total`` that fall in ``[first, last)``.
+
+        Examples:
+            >>> [hg.Truncated(3).restricted(lo, lo + 2, 6) for lo in (0, 2, 4)]
+            [(None, False), (hg.Truncated(1), False), ("reverse", True)]
+        """
+        start = total - self.steps  # the first differentiated step
+        if start <= first:  # the whole range, and on into its start unless the window opens there
+            return Reverse(), first > start or start <= 0
+        if start >= last:
+            return None, False
+        return Truncated(last - start), False
 
     def __repr__(self) -> str:
         return f"hg.Truncated({self.steps})"

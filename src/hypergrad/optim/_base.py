@@ -38,6 +38,9 @@ class Optimizer:
         update_fn: ``update_fn(params, grads, state, hyperparams, options) -> (params, state)``.
         check_fn: optional ``check_fn(hyperparams, options)`` that raises ``ValueError`` for
             invalid values; run by [`replace`][hypergrad.optim.Optimizer.replace].
+        elementwise: whether the update is one elementwise formula over the flattened leaves,
+            given scalar hyperparameters and a state ``(step, buffers like params)`` (the
+            built-in families). Then stacked client models can be updated as one model.
 
     Examples:
         >>> opt = hg.optim.sgd(lr=0.5)
@@ -59,6 +62,7 @@ class Optimizer:
     check_fn: Callable[[Mapping[str, Any], Mapping[str, Any]], None] | None = dataclasses.field(
         default=None, repr=False, compare=False
     )
+    elementwise: bool = dataclasses.field(default=False, repr=False, compare=False)
 
     def init(self, params: PyTree, /, *, hyperparams: Mapping[str, Any] | None = None) -> PyTree:
         """Create the optimizer state for ``params`` (a pytree; never modifies ``params``).

@@ -487,7 +487,7 @@ def build(
         )
         return new_params, state_cls(step, **new_bufs)
 
-    return Optimizer(name, hyperparams, options, init_fn, update_fn, check)
+    return Optimizer(name, hyperparams, options, init_fn, update_fn, check, elementwise=True)
 
 
 def register_states(*classes: type) -> None:

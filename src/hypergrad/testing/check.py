@@ -19,11 +19,14 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from hypergrad import tree as _tree
+from hypergrad._engine.batches import Batches
+from hypergrad._engine.problem import outer_fn
+from hypergrad._engine.randomness import seeded
 from hypergrad.hypergradient import Hypergradient, hypergrad, map_hyper
 from hypergrad.methods import Method
 from hypergrad.optim._base import Optimizer
+from hypergrad.trajectory import unroll
 from hypergrad.tree import PyTree
-from hypergrad.unroll import Batches, outer_fn, seeded, unroll
 
 __all__ = [
     "DirectionCheck",
@@ -401,7 +404,7 @@ def _double(tree: Any) -> Any:
 
 
 def _double_batches(batches: Any, steps: int | None) -> tuple[Any, int]:
-    source = Batches(batches, steps, caller="hg.testing.check_hypergrad")
+    source = Batches(batches, steps)
     fetched = [_double(source.at(k)) for k in range(source.steps)]
     return (lambda k: fetched[k]), source.steps
 
@@ -491,7 +494,7 @@ def check_hypergrad(
         raise ValueError(f"{caller}: directions must be >= 1, got {directions}.")
     params, aux, buffers = _double(params), _double(aux), _double(buffers)
     outer_batch = _double(outer_batch)
-    outer = outer_fn(outer_loss, outer_batch, buffers is not None, "hg.testing.check_hypergrad")
+    outer = outer_fn(outer_loss, outer_batch, buffers is not None)
     batch_fn, steps = _double_batches(batches, steps)
     hp = {k: map_hyper(_double_leaf, v) for k, v in opt.hyperparams.items()}
     opt = dataclasses.replace(opt, hyperparams=hp)

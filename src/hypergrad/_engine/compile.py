@@ -1,6 +1,6 @@
 """The compiled fast path: ``torch.compile``-d steps, several steps per graph, eager fallback.
 
-This module sits at the level of ``hypergrad.unroll`` (it imports nothing above
+This module sits at the level of the engine's loop (it imports nothing above
 ``hypergrad.optim``): it wraps any step function ``step(params, state, buffers, aux,
 hyperparams, batch)`` (the engine's, or a ``torch.func.vmap``-ed one from ``hypergrad.clients``)
 and hands back a step with the same signature, plus a *multi-step* that runs several steps as
@@ -12,7 +12,7 @@ What is compiled, and how
 The whole step (inner loss, inner gradient by ``torch.func.grad_and_value``, optimizer update)
 is one graph: ``torch.compile(step, fullgraph=True, dynamic=False,
 options={"fallback_random": True})``; and so is a run of S consecutive steps (the loop over
-their S batches is unrolled into one graph), which ``hypergrad.unroll.run_steps`` calls
+their S batches is unrolled into one graph), which the engine's ``run_steps`` calls
 once per S steps. A compiled call costs a fixed overhead (guards, the autograd wrapper, one
 backward node) that is about as large as a small model's step on a CPU; S steps per graph pay
 it once, and let inductor fuse the optimizer update of one step with the next step's forward.
@@ -93,7 +93,8 @@ from typing import Any
 import torch
 
 from hypergrad import tree as _tree
-from hypergrad._warnings import torch_notices_hidden
+from hypergrad._boundary import caller, entered, positive_int
+from hypergrad._engine.notices import torch_notices_hidden
 from hypergrad.optim._base import Optimizer
 
 __all__ = [
@@ -153,7 +154,7 @@ class Compile:
     Args:
         steps_per_graph: how many consecutive steps one compiled graph runs. ``None`` (default)
             chooses from the number of steps K (see
-            [`steps_per_graph`][hypergrad._compile.steps_per_graph]); larger compiles longer and
+            [`steps_per_graph`][hypergrad._engine.compile.steps_per_graph]); larger compiles longer and
             runs faster; ``1`` compiles one step per graph (the shortest compile).
         strict: raise [`hg.CompileError`][hypergrad.CompileError] where the step cannot be
             compiled, instead of running it eagerly with a
@@ -175,28 +176,24 @@ class Compile:
     strict: bool = False
 
     def __post_init__(self) -> None:
-        n = self.steps_per_graph
-        if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
-            raise ValueError(
-                f"hg.Compile: steps_per_graph must be a positive int or None (chosen from the "
-                f"number of steps), got {n!r}."
-            )
-        if not isinstance(self.strict, bool):
-            raise ValueError(f"hg.Compile: strict must be True or False, got {self.strict!r}.")
+        with entered("hg.Compile"):
+            positive_int(self.steps_per_graph, "steps_per_graph", none="(chosen from the steps)")
+            if not isinstance(self.strict, bool):
+                raise ValueError(f"{caller()}: strict must be True or False, got {self.strict!r}.")
 
     def __repr__(self) -> str:
         return f"hg.Compile(steps_per_graph={self.steps_per_graph}, strict={self.strict})"
 
 
-def check_compile(compile: Any, *, caller: str) -> Compile | None:
+def check_compile(compile: Any) -> Compile | None:
     """Validate a ``compile=`` argument: ``None`` for ``False``, else the ``Compile`` options.
 
     ``True`` is ``Compile()``, ``"strict"`` is ``Compile(strict=True)``.
 
     Examples:
-        >>> check_compile("strict", caller="hg.unroll")
+        >>> check_compile("strict")
         hg.Compile(steps_per_graph=None, strict=True)
-        >>> check_compile(False, caller="hg.unroll") is None
+        >>> check_compile(False) is None
         True
     """
     if compile is False:
@@ -208,7 +205,7 @@ def check_compile(compile: Any, *, caller: str) -> Compile | None:
     if isinstance(compile, Compile):
         return compile
     raise ValueError(
-        f"{caller}: compile must be False, True, 'strict' or hg.Compile(...), got {compile!r}. "
+        f"{caller()}: compile must be False, True, 'strict' or hg.Compile(...), got {compile!r}. "
         "True compiles the steps with torch.compile and falls back to eager with a warning; "
         "'strict' raises instead; hg.Compile(steps_per_graph=S) also sets how many steps one "
         "graph runs."
@@ -285,7 +282,7 @@ def step_key(inner_loss: Callable[..., Any], opt: Optimizer, **static: Any) -> H
 
 @contextlib.contextmanager
 def _tracing_notices_hidden() -> Iterator[None]:
-    """Run a compiled call with torch's notices about itself hidden (see ``hypergrad._warnings``).
+    """Run a compiled call with torch's notices about itself hidden (see ``hypergrad._engine.notices``).
 
     Dynamo also reads ``.grad`` of non-leaf inputs while tracing and discards the warning that
     raises (torch/_dynamo/side_effects.py, ``catch_warnings(record=True)``); under an "error"
@@ -456,7 +453,7 @@ class _CompiledStep:
     """A step with the engine's signature: compiled when possible, else eager (see module doc).
 
     ``several`` runs several steps as one graph (the engine's multi-step protocol, see
-    ``hypergrad.unroll.run_steps``): ``length`` steps per call, ``fits(k)``, and a call
+    the engine's ``run_steps``): ``length`` steps per call, ``fits(k)``, and a call
     that returns ``None`` when those steps must run one by one.
     """
 
@@ -465,28 +462,26 @@ class _CompiledStep:
         step: Callable[..., Any],
         key: Hashable | None,
         options: Compile,
-        caller: str,
         length: int,
     ) -> None:
         self.eager = step
         self.key = key
         self.entry: _Entry | None = None  # chosen at the first call, by the params' dtypes
         self.strict = options.strict
-        self.caller = caller
         self.length = length
         self.warned = False
 
     def _fall_back(self, cause: str, error: BaseException | None = None) -> None:
         if self.strict:
             raise CompileError(
-                f"{self.caller}: compile='strict' could not compile the step: {cause}. Fix the "
+                f"{caller()}: compile='strict' could not compile the step: {cause}. Fix the "
                 "cause, or pass compile=True to run such steps eagerly with a warning, or "
                 "compile=False."
             ) from error
         if not self.warned:
             self.warned = True
             warnings.warn(
-                f"{self.caller}: compile=True could not compile the step: {cause}. The step ran "
+                f"{caller()}: compile=True could not compile the step: {cause}. The step ran "
                 "eagerly (same results, eager speed). Fix the cause, pass compile=False to "
                 "silence this, or compile='strict' to make it an error.",
                 CompileFallbackWarning,
@@ -563,7 +558,6 @@ def compile_step(
     step: Callable[..., Any],
     *,
     compile: Compile | None,
-    caller: str,
     key: Hashable | None = None,
     steps: int = 1,
 ) -> Callable[..., Any]:
@@ -574,7 +568,6 @@ def compile_step(
             traceable by torch.func (the engine's ``make_step(..., inner_grad="func")``, or a
             ``torch.func.vmap`` of it). It is also the eager fallback.
         compile: the options from ``check_compile``; ``None`` returns ``step``.
-        caller: the public name used in warnings and errors.
         key: reuse the compiled step cached under this key (see ``step_key``); ``None``
             compiles afresh. The key must capture everything ``step`` closes over except the
             hyperparameter values, which every call must pass in full.
@@ -584,18 +577,18 @@ def compile_step(
     Returns:
         A step with the same signature and results; a compiled one also has ``length``,
         ``fits(k)`` and ``several(...)``, the multi-step that
-        ``hypergrad.unroll.run_steps`` uses.
+        the engine's ``run_steps`` uses.
 
     Examples:
         >>> opt = hg.optim.sgd(lr=0.5)
         >>> loss = lambda p, a, b: (p["w"] ** 2).sum()
-        >>> from hypergrad.unroll import make_step
+        >>> from hypergrad._engine.step import make_step
         >>> eager = make_step(loss, opt, has_buffers=False, inner_grad="func")
-        >>> compile_step(eager, compile=None, caller="hg.unroll") is eager
+        >>> compile_step(eager, compile=None) is eager
         True
-        >>> compile_step(eager, compile=Compile(), caller="hg.unroll", steps=20).length
+        >>> compile_step(eager, compile=Compile(), steps=20).length
         5
     """
     if compile is None:
         return step
-    return _CompiledStep(step, key, compile, caller, steps_per_graph(steps, compile))
+    return _CompiledStep(step, key, compile, steps_per_graph(steps, compile))

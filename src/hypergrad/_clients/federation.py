@@ -1,0 +1,290 @@
+"""The clients transform: the ``Setup`` of one model's call becomes the problem of C clients.
+
+Like ``torch.func.vmap``, it takes the per-model computation and returns a batched one: the
+engine's step, vmapped over the clients' leading dimension (``hypergrad._clients.step``), with
+federated rounds around it. At the start of every round after the first the clients are
+aggregated into a server model, which is broadcast back to every client, and each client's
+optimizer state starts afresh. The outer loss is server-side: it sees the aggregate of the
+clients' final params. Any method differentiates the result unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from hypergrad._boundary import caller, entered, positive_int
+from hypergrad._clients.aggregation import broadcast, fedavg
+from hypergrad._clients.dims import count_clients, resolve_in_dims
+from hypergrad._clients.step import vmapped_step
+from hypergrad._clients.vmap import guarded, vmap_trees
+from hypergrad._engine.compile import compile_step, step_key
+from hypergrad._engine.problem import Carry, Problem
+from hypergrad._engine.randomness import rng_devices
+from hypergrad._engine.step import StepFn, multi_step
+from hypergrad._front import Setup
+from hypergrad.tree import PyTree
+
+__all__ = ["Clients", "Federation", "federate"]
+
+_RANDOMNESS = ("error", "different", "same")
+
+
+@dataclasses.dataclass(frozen=True)
+class Clients:
+    """C stacked models trained at once: ``clients=hg.Clients(...)`` in ``hg.unroll``/``hg.hypergrad``.
+
+    Inputs with a leading client dimension ``C`` (stacked, e.g. by [`hg.stack`][hypergrad.stack])
+    hold one value per client, and the engine's step runs under ``torch.func.vmap`` over them:
+    one vectorised computation, never a Python loop. Each client sees exactly what one model
+    sees in [`hg.unroll`][hypergrad.unroll] (its params, its batch, ``aux``); the outer loss of
+    [`hg.hypergrad`][hypergrad.hypergrad] is server-side: it receives the aggregate of the final
+    client params (with buffers, ``outer_loss(server_params, aux, outer_batch,
+    server_buffers)``). Every method works. [`hg.clients.unroll`][hypergrad.clients.unroll] and
+    [`hg.clients.hypergrad`][hypergrad.clients.hypergrad] are the same calls with these options
+    as keywords.
+
+    Args:
+        in_dims: which inputs have a client dimension, as ``torch.func.vmap``'s ``in_dims``
+            (``0``: stacked, ``None``: shared): a dict with some of the keys ``"params"``,
+            ``"state"``, ``"buffers"``, ``"batches"`` (default ``0``), ``"aux"`` (default
+            ``None``; any tree prefix), ``"hyperparams"`` (default ``None``; ``0`` or a dict such
+            as ``{"lr": 0}`` for per-client ones, shaped ``(C, ...)``). Stacked batches are
+            shaped ``(steps, C, ...)``.
+        rounds: R federated rounds of K local steps (the batches hold ``R * K`` steps). Between
+            rounds the clients are aggregated into a server model, broadcast back, and their
+            optimizer states start afresh.
+        aggregate: ``fn(stacked_tree) -> tree``, the server of a round; default
+            [`fedavg`][hypergrad.clients.fedavg] with ``weights``.
+        weights: FedAvg weights, one per client (e.g. the sample counts).
+        chunk_size: clients per chunk. With a reverse-mode method the hypergradient is taken
+            one chunk at a time (memory bounded by the chunk, one more forward pass); otherwise
+            it is vmap's ``chunk_size``, which bounds each step's working memory.
+        randomness: as in ``torch.func.vmap``: ``"error"``, ``"different"`` or ``"same"`` (with
+            chunks, each chunk draws its own numbers).
+
+    Examples:
+        Three clients pull their weight towards their own target plus a shared offset ``aux``;
+        the server (their mean) should match 1.0:
+
+        >>> inner = lambda p, aux, t: ((p["w"] - t - aux) ** 2).sum()
+        >>> outer = lambda server, aux, target: ((server["w"] - target) ** 2).sum()
+        >>> targets = torch.tensor([[0.0], [1.0], [2.0]]).expand(5, 3, 1)  # 5 steps, 3 clients
+        >>> g = hg.hypergrad(outer, inner, {"w": torch.zeros(1)}, hg.optim.sgd(lr=0.1), targets,
+        ...                  torch.tensor([1.0]), aux=torch.tensor([0.5]),
+        ...                  clients=hg.Clients(in_dims={"params": None}))
+        >>> round(g.aux.item(), 4)
+        0.0114
+    """
+
+    in_dims: Mapping[str, Any] | None = None
+    rounds: int = 1
+    aggregate: Callable[[PyTree], PyTree] | None = None
+    weights: Sequence[float] | torch.Tensor | None = None
+    chunk_size: int | None = None
+    randomness: str = "error"
+
+    def __post_init__(self) -> None:
+        with entered("hg.Clients"):
+            self._check()
+
+    def _check(self) -> None:
+        positive_int(self.rounds, "rounds")
+        if self.randomness not in _RANDOMNESS:
+            raise ValueError(
+                f"{caller()}: randomness must be 'error', 'different' or 'same' (as in "
+                f"torch.func.vmap), got {self.randomness!r}."
+            )
+        if self.aggregate is not None and self.weights is not None:
+            raise ValueError(
+                f"{caller()}: pass either weights= (for the built-in FedAvg) or aggregate= (your "
+                "own function of the stacked tree), not both; fold the weights into your function."
+            )
+        positive_int(
+            self.chunk_size, "chunk_size", "(clients per chunk)", none="(all clients at once)"
+        )
+
+    def total_steps(self, steps: int | None) -> int | None:
+        """The steps over all rounds, from K local steps per round (``None``: from the batches)."""
+        return None if steps is None else steps * self.rounds
+
+    def aggregator(self) -> Callable[[PyTree], PyTree]:
+        """The user's ``aggregate``, or FedAvg with the user's ``weights``."""
+        return self.aggregate or functools.partial(fedavg, weights=self.weights)
+
+
+def _zero_outer(params: PyTree, buffers: PyTree, aux: PyTree) -> torch.Tensor:
+    return torch.zeros(())
+
+
+@dataclasses.dataclass(frozen=True)
+class Federation:
+    """C clients training together for R rounds of K steps (built by ``federate``).
+
+    Attributes:
+        setup: the public call's checked arguments.
+        clients: the clients options.
+        dims: the resolved ``in_dims`` (``hyperparams`` as a dict per name).
+        count: C.
+        steps: K, local steps per round.
+        step: the vmapped step, for any number of clients (compiled if asked).
+        multi: its compiled multi-step, or ``None``.
+        init: ``init(params, hyperparams)``, a fresh stacked optimizer state.
+        aggregate: ``aggregate(stacked_tree) -> tree``, the server of a round.
+        by_chunk: whether the hypergradient is taken chunk by chunk (``hypergrad._clients.chunks``).
+    """
+
+    setup: Setup
+    clients: Clients
+    dims: dict
+    count: int
+    steps: int
+    step: StepFn
+    multi: Any
+    init: Callable[[PyTree, Mapping[str, Any]], PyTree]
+    aggregate: Callable[[PyTree], PyTree]
+    by_chunk: bool
+
+    @property
+    def rounds(self) -> int:
+        """R, the federated rounds."""
+        return self.clients.rounds
+
+    def spread(self, tree: PyTree, key: str) -> PyTree:
+        """A shared input (``in_dims[key] is None``) broadcast to every client."""
+        shared = self.dims[key] is None and tree is not None
+        return broadcast(tree, self.count) if shared else tree
+
+    def start(self) -> Carry:
+        """Round 0's stacked start (shared inputs broadcast to C; the state may be ``None``)."""
+        s = self.setup
+        return Carry(
+            self.spread(s.params, "params"),
+            self.spread(s.state, "state"),
+            self.spread(s.buffers, "buffers"),
+        )
+
+    def initial_state(self, params: PyTree, hyperparams: Mapping[str, Any]) -> PyTree:
+        """The user's state (broadcast if shared), or a fresh one per client."""
+        if self.setup.state is not None:
+            return self.spread(self.setup.state, "state")
+        return self.init(self.spread(params, "params"), hyperparams)
+
+    def prelude(self, k: int, p: PyTree, s: PyTree, b: PyTree, h: Mapping[str, Any]) -> tuple:
+        """Before step k: spread shared inputs (k = 0), or aggregate and restart (a new round)."""
+        if k == 0:
+            return self.spread(p, "params"), s, self.spread(b, "buffers")
+        if k % self.steps == 0:
+            p = broadcast(self.aggregate(p), self.count)
+            b = broadcast(self.aggregate(b), self.count) if self.setup.has_buffers else b
+            s = self.init(p, h)
+        return p, s, b
+
+    def federated_step(self, p, s, b, a, h, tagged):
+        """The problem's step: its batch is tagged with the step index for the prelude."""
+        k, batch = tagged
+        p, s, b = self.prelude(k, p, s, b, h)
+        return self.step(p, s, b, a, h, batch)
+
+    def server_outer(self, p: PyTree, b: PyTree, a: PyTree) -> torch.Tensor:
+        """The outer loss on the aggregate of the clients' params (and buffers)."""
+        assert self.setup.outer is not None
+        server_buffers = self.aggregate(b) if self.setup.has_buffers else None
+        return self.setup.outer(self.aggregate(p), server_buffers, a)
+
+    def batch_at(self, k: int) -> Any:
+        """Step k's client-stacked batch (k counts over all rounds)."""
+        return self.setup.source.at(k)
+
+    @functools.cached_property
+    def problem(self) -> Problem:
+        """All clients at once, every round: the problem any method differentiates."""
+        s = self.setup
+        return Problem(
+            step=self.federated_step,
+            outer=self.server_outer if s.outer is not None else _zero_outer,
+            params=s.params,
+            state=None,
+            buffers=s.buffers,
+            aux=s.aux,
+            hyperparams=s.hyperparams,
+            batch_at=lambda k: (k, self.batch_at(k)),
+            steps=self.steps * self.rounds,
+            seed=s.seed,
+            targets=s.targets,
+            hyper_names=s.hyper_names,
+            devices=rng_devices(s.params),
+            init=self.initial_state,
+            multi=None
+            if self.multi is None
+            else _WithinRounds(self.multi, self.steps, self.prelude),
+        )
+
+
+class _WithinRounds:
+    """The compiled multi-step of the vmapped step, kept inside one federated round.
+
+    A run of steps may start anywhere in a round (the round's prelude, the broadcast of the
+    server params, runs before it when it starts the round) and must end by the round's last
+    step: aggregation happens between rounds, outside the compiled graphs.
+    """
+
+    def __init__(self, multi: Any, steps: int, prelude: Callable[..., tuple]) -> None:
+        self.multi, self.steps, self.prelude = multi, steps, prelude
+        self.length: int = multi.length
+
+    def fits(self, k: int) -> bool:
+        return k % self.steps + self.length <= self.steps and self.multi.fits(k)
+
+    def several(self, p, s, b, a, h, tagged):
+        p, s, b = self.prelude(tagged[0][0], p, s, b, h)
+        return self.multi.several(p, s, b, a, h, tuple(batch for _, batch in tagged))
+
+
+def federate(setup: Setup, clients: Clients) -> Federation:
+    """The clients transform of ``setup``: its step vmapped over C clients, in rounds."""
+    total, rounds = setup.source.steps, clients.rounds
+    if total % rounds:
+        raise ValueError(
+            f"{caller()}: the batches hold {total} steps, which is not a multiple of "
+            f"rounds={rounds}; pass steps=K (local steps per round) with at least "
+            "rounds * K batches."
+        )
+    dims = resolve_in_dims(clients.in_dims, setup.hyperparams)
+    count = count_clients(
+        dims, setup.params, setup.state, setup.buffers, setup.hyperparams, clients.weights,
+        setup.source.at(0),
+    )  # fmt: skip
+    how = setup.method
+    by_chunk = clients.chunk_size is not None and how is not None and how.reverse_mode
+    vmap = {
+        "chunk_size": None if by_chunk else clients.chunk_size,
+        "randomness": clients.randomness,
+    }
+    step = vmapped_step(
+        setup.inner_loss, setup.opt, setup.has_buffers, setup.first_order, dims,
+        setup.step_inner_grad, **vmap,
+    )  # fmt: skip
+    if setup.compile is not None:  # the vmapped step (torch.func inside) compiled
+        key = step_key(setup.inner_loss, setup.opt, has_buffers=setup.has_buffers,
+                       first_order=setup.first_order, clients=repr(dims), vmap=tuple(vmap.values()))  # fmt: skip
+        step = compile_step(step, compile=setup.compile, key=key, steps=total // rounds)
+    init_one = vmap_trees(
+        lambda p, h: (setup.opt.init(p, hyperparams=h),), 1, (dims["hyperparams"],), **vmap
+    )
+    return Federation(
+        setup=setup,
+        clients=clients,
+        dims=dims,
+        count=count,
+        steps=total // rounds,
+        step=guarded(step),
+        multi=multi_step(step),
+        init=lambda p, h: init_one(p, h)[0],
+        aggregate=clients.aggregator(),
+        by_chunk=by_chunk,
+    )

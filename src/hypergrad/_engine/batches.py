@@ -1,0 +1,106 @@
+"""``Batches``: the batch of step k, from any batch argument a user may pass."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
+
+import torch
+
+from hypergrad import tree as _tree
+from hypergrad._boundary import caller, positive_int
+
+__all__ = ["Batches"]
+
+
+def _is_stacked(batches: Any) -> bool:
+    if isinstance(batches, torch.Tensor):
+        return True
+    if isinstance(batches, (tuple, Mapping)):
+        leaves = _tree.leaves(batches)
+        return bool(leaves) and all(isinstance(x, torch.Tensor) for x in leaves)
+    return False
+
+
+class Batches:
+    """``batch_at(k)`` over a stacked tensor tree, a callable, or a lazily consumed iterable.
+
+    Args:
+        batches: a tensor / tuple / dict of tensors with a leading step dimension, a callable
+            ``batch_fn(k)``, or an iterable of batches (a list, generator, DataLoader).
+        steps: the number of steps K; may be omitted for stacked batches and sized iterables.
+
+    Examples:
+        >>> b = Batches(torch.arange(6.0).reshape(3, 2), None)
+        >>> b.steps, b.at(2)
+        (3, tensor([4., 5.]))
+        >>> Batches(lambda k: k * 10, 4).at(3)
+        30
+    """
+
+    def __init__(self, batches: Any, steps: int | None) -> None:
+        self._fn: Callable[[int], Any] | None = None
+        self._stacked: Any = None
+        self._iter: Iterator[Any] | None = None
+        self._seen: list[Any] = []
+        if steps is not None:
+            positive_int(steps, "steps")
+        if _is_stacked(batches):
+            sizes = {x.shape[0] if x.dim() else None for x in _tree.leaves(batches)}
+            if len(sizes) != 1 or None in sizes:
+                raise ValueError(
+                    f"{caller()}: stacked batches must all have the same leading (step) dimension; "
+                    f"got leading sizes {sorted(str(s) for s in sizes)}. Pass tensors shaped "
+                    "(K, ...), a list of batches, or a function batch_fn(k)."
+                )
+            available = sizes.pop()
+            steps = available if steps is None else steps
+            if steps > available:
+                raise ValueError(
+                    f"{caller()}: batches ran out at step {available}: the stacked batches hold "
+                    f"{available} steps but steps={steps}. Pass steps={available} or more batches."
+                )
+            self._stacked = batches
+        elif callable(batches):
+            if steps is None:
+                raise ValueError(
+                    f"{caller()}: batches is a function of the step index, so the number of steps "
+                    "is unknown; pass steps=K."
+                )
+            self._fn = batches
+        elif isinstance(batches, Iterable):
+            if steps is None:
+                try:
+                    steps = len(batches)  # type: ignore[arg-type]
+                except TypeError:
+                    raise ValueError(
+                        f"{caller()}: batches is an iterable without a length; pass steps=K."
+                    ) from None
+                if steps < 1:
+                    raise ValueError(f"{caller()}: batches is empty; pass at least one batch.")
+            self._iter = iter(batches)
+        else:
+            raise TypeError(
+                f"{caller()}: batches must be a tensor (or tuple/dict of tensors) with a leading "
+                f"step dimension, an iterable of batches, or a function batch_fn(k); got "
+                f"{type(batches).__name__}."
+            )
+        self.steps: int = steps
+
+    def at(self, k: int) -> Any:
+        """The batch of step ``k`` (the same object every time it is asked for)."""
+        if self._stacked is not None:
+            return _tree.map(lambda x: x[k], self._stacked)
+        if self._fn is not None:
+            return self._fn(k)
+        while len(self._seen) <= k:
+            try:
+                self._seen.append(next(self._iter))  # type: ignore[arg-type]
+            except StopIteration:
+                n = len(self._seen)
+                raise ValueError(
+                    f"{caller()}: batches ran out at step {n} of {self.steps}: the iterable "
+                    f"yielded only {n} batches. Pass steps={n}, or a longer iterable (e.g. "
+                    "itertools.cycle(batches))."
+                ) from None
+        return self._seen[k]

@@ -1,0 +1,213 @@
+"""The step function: one pure optimizer step of the inner loss, the one the loop runs K times.
+
+``step(params, state, buffers, aux, hyperparams, batch) -> (params, state, buffers, loss)``. It
+never mutates its inputs and never touches the global RNG (the loop seeds each step). The inner
+gradient is taken one of two ways, with the same numbers:
+
+- ``inner_grad="func"``: ``torch.func.grad_and_value``; the step is then a composition of
+  torch.func transforms and may run under ``vmap`` (clients), ``jvp`` (forward mode) or
+  ``torch.compile``;
+- ``inner_grad="autograd"``: ``torch.autograd.grad(create_graph=True)``; faster in eager mode;
+- ``"auto"`` (default): ``"func"`` inside a torch.func transform, else ``"autograd"``.
+
+Under ``torch.no_grad()`` the step records no meta-graph (how ``Truncated`` and ``Checkpointed``
+run steps they do not differentiate); with ``first_order=True`` the inner gradient is detached.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import optree
+import torch
+
+from hypergrad import tree as _tree
+from hypergrad._boundary import caller
+from hypergrad._engine.checks import check_inner_grad
+from hypergrad._engine.compile import Compile, compile_step, step_key
+from hypergrad.optim._base import Optimizer
+from hypergrad.tree import PyTree
+
+__all__ = [
+    "StepFn",
+    "build_step",
+    "in_functorch_transform",
+    "make_step",
+    "multi_step",
+    "requires_grad",
+]
+
+StepFn = Callable[..., tuple[PyTree, PyTree, PyTree, torch.Tensor]]
+
+
+def in_functorch_transform() -> bool:
+    """True when called inside a torch.func transform (grad, vmap, jvp, ...)."""
+    return torch._C._functorch.maybe_current_level() is not None
+
+
+def _call_inner(
+    inner_loss: Callable[..., Any],
+    has_buffers: bool,
+    params: PyTree,
+    aux: PyTree,
+    batch: Any,
+    buffers: PyTree,
+) -> tuple[torch.Tensor, PyTree]:
+    if has_buffers:
+        out = inner_loss(params, aux, batch, buffers)
+        if not (isinstance(out, tuple) and len(out) == 2):
+            raise TypeError(
+                f"{caller()}: buffers are carried, so inner_loss(params, aux, batch, buffers) must "
+                f"return (loss, new_buffers); it returned {type(out).__name__}. Return the "
+                "updated buffers too, or pass buffers=None."
+            )
+        loss, new_buffers = out
+    else:
+        loss = inner_loss(params, aux, batch)
+        if isinstance(loss, tuple):
+            raise TypeError(
+                f"{caller()}: inner_loss(params, aux, batch) returned a tuple; without buffers it "
+                "must return a scalar tensor. To carry BatchNorm statistics, pass buffers= and "
+                "return (loss, new_buffers) from inner_loss(params, aux, batch, buffers)."
+            )
+        new_buffers = buffers
+    if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+        got = (
+            f"shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else type(loss).__name__
+        )
+        raise ValueError(
+            f"{caller()}: inner_loss must return a scalar (0-d) tensor, got {got}. Reduce it, "
+            "e.g. return loss.mean()."
+        )
+    return loss, new_buffers
+
+
+def requires_grad(tree: PyTree) -> bool:
+    """Whether any tensor leaf of ``tree`` requires grad."""
+    return any(isinstance(x, torch.Tensor) and x.requires_grad for x in _tree.leaves(tree))
+
+
+def make_step(
+    inner_loss: Callable[..., Any],
+    opt: Optimizer,
+    *,
+    has_buffers: bool,
+    inner_grad: str = "auto",
+    first_order: bool = False,
+) -> StepFn:
+    """Build the pure step function ``step(params, state, buffers, aux, hyperparams, batch)``.
+
+    Args:
+        inner_loss: ``inner_loss(params, aux, batch)`` returning a scalar, or, when
+            ``has_buffers``, ``inner_loss(params, aux, batch, buffers)`` returning
+            ``(loss, new_buffers)``.
+        opt: the functional optimizer.
+        has_buffers: whether buffers are carried.
+        inner_grad: ``"func"``, ``"autograd"`` or ``"auto"`` (see the module docstring).
+        first_order: detach the inner gradient (no second-order terms).
+
+    Returns:
+        ``step(params, state, buffers, aux, hyperparams, batch) -> (params, state, buffers, loss)``.
+
+    Examples:
+        >>> opt = hg.optim.sgd(lr=0.1)
+        >>> step = make_step(lambda p, a, b: (p["w"] ** 2).sum(), opt, has_buffers=False)
+        >>> params = {"w": torch.tensor([1.0])}
+        >>> new_params, state, buffers, loss = step(
+        ...     params, opt.init(params), None, None, {"lr": 0.1}, None)
+        >>> new_params, loss
+        ({'w': tensor([0.8000])}, tensor(1.))
+    """
+    check_inner_grad(inner_grad)
+
+    def loss_fn(params: PyTree, aux: PyTree, batch: Any, buffers: PyTree) -> Any:
+        return _call_inner(inner_loss, has_buffers, params, aux, batch, buffers)
+
+    def grad_func(params, aux, batch, buffers):
+        if has_buffers:
+            (grads, (loss, new_buffers)) = torch.func.grad_and_value(loss_fn, has_aux=True)(
+                params, aux, batch, buffers
+            )
+        else:
+            grads, loss = torch.func.grad_and_value(lambda p: loss_fn(p, aux, batch, None)[0])(
+                params
+            )
+            new_buffers = None
+        if first_order:
+            grads = _tree.detach(grads)
+        return grads, loss, new_buffers
+
+    def grad_autograd(params, aux, batch, buffers):
+        flat, spec = optree.tree_flatten(params, namespace=_tree._NAMESPACE)
+        # A meta-graph is needed only when the inner loss depends on something that requires
+        # grad (params or aux); hyperparameters enter later, in opt.step.
+        create = (
+            torch.is_grad_enabled()
+            and not first_order
+            and (requires_grad(flat) or requires_grad(aux))
+        )
+        with torch.enable_grad():
+            leaves = [
+                p if (create and p.requires_grad) else p.detach().requires_grad_() for p in flat
+            ]
+            loss, new_buffers = loss_fn(optree.tree_unflatten(spec, leaves), aux, batch, buffers)
+            grads = torch.autograd.grad(
+                loss, leaves, create_graph=create, allow_unused=True, materialize_grads=True
+            )
+        if not create:
+            loss, new_buffers = loss.detach(), _tree.detach(new_buffers)
+        return optree.tree_unflatten(spec, list(grads)), loss, new_buffers
+
+    def step(params, state, buffers, aux, hyperparams, batch):
+        use_func = inner_grad == "func" or (inner_grad == "auto" and in_functorch_transform())
+        compute = grad_func if use_func else grad_autograd
+        grads, loss, new_buffers = compute(params, aux, batch, buffers)
+        new_params, new_state = opt.step(params, grads, state, hyperparams=hyperparams)
+        return new_params, new_state, new_buffers, loss
+
+    return step
+
+
+def build_step(
+    inner_loss: Callable[..., Any],
+    opt: Optimizer,
+    *,
+    has_buffers: bool,
+    inner_grad: str = "auto",
+    first_order: bool = False,
+    compile: Compile | None = None,
+    steps: int = 1,
+) -> StepFn:
+    """``make_step``, compiled (and cached) when ``compile`` holds options (see its module).
+
+    A compiled step takes its inner gradient with ``torch.func`` (``inner_grad="func"``) and must
+    be given every hyperparameter (``{**opt.hyperparams, **changes}``) at each call; it also
+    runs several steps per graph (``multi_step``), how many chosen from ``steps`` (K).
+
+    Examples:
+        >>> opt = hg.optim.sgd(lr=0.1)
+        >>> step = build_step(lambda p, a, b: (p["w"] ** 2).sum(), opt, has_buffers=False)
+        >>> step({"w": torch.tensor([1.0])}, opt.init({}), None, None, {"lr": 0.1}, None)[0]
+        {'w': tensor([0.8000])}
+    """
+    step = make_step(
+        inner_loss,
+        opt,
+        has_buffers=has_buffers,
+        inner_grad="func" if compile is not None else inner_grad,
+        first_order=first_order,
+    )
+    key = step_key(inner_loss, opt, has_buffers=has_buffers, first_order=first_order)
+    return compile_step(step, compile=compile, key=key, steps=steps)
+
+
+def multi_step(step: StepFn) -> Any:
+    """The multi-step of a compiled ``step`` (see ``run_steps``), or ``None`` for others.
+
+    Examples:
+        >>> opt = hg.optim.sgd(lr=0.1)
+        >>> multi_step(build_step(lambda p, a, b: p["w"].sum(), opt, has_buffers=False)) is None
+        True
+    """
+    return step if hasattr(step, "several") else None

@@ -1,0 +1,332 @@
+"""The front door and the finish: what every entry point does before and after the loop.
+
+``set_up`` checks and normalises the arguments of a public call once (the optimizer, the
+params, the batches, the hyperparameters and ``wrt``, the method, ``inner_grad``, ``compile``,
+the seed) into a ``Setup``. ``single_problem`` turns it into the ``Problem`` of one model; the
+clients transform (``hypergrad._clients.federation``) turns the same ``Setup`` into the problem
+of many. ``differentiate`` and ``trajectory`` finish every call the same way: a progress bar,
+the method (or the loop), one finiteness check that replays the unroll to name the first
+nan/inf, the unused-aux warning, and the result.
+
+``hg.unroll``, ``hg.hypergrad``, ``hg.clients.unroll``, ``hg.clients.hypergrad`` and
+``hg.testing.check_hypergrad`` all come through here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, NamedTuple, Protocol
+
+import torch
+
+from hypergrad import tree as _tree
+from hypergrad._boundary import caller
+from hypergrad._engine.batches import Batches
+from hypergrad._engine.checks import check_float, check_inner_grad, check_opt, check_params
+from hypergrad._engine.compile import Compile, check_compile
+from hypergrad._engine.diagnosis import all_finite, locate_nonfinite, raise_nonfinite
+from hypergrad._engine.hyper import parse_wrt, to_tensor
+from hypergrad._engine.problem import Problem, outer_fn, run_steps
+from hypergrad._engine.randomness import draw_seed, rng_devices
+from hypergrad._engine.step import build_step, in_functorch_transform, multi_step
+from hypergrad.methods import Method, MethodResult, resolve
+from hypergrad.optim._base import Optimizer
+from hypergrad.tree import PyTree
+
+__all__ = [
+    "Hypergradient",
+    "Runner",
+    "Setup",
+    "Trajectory",
+    "differentiate",
+    "set_up",
+    "single_problem",
+    "trajectory",
+]
+
+
+class Trajectory(NamedTuple):
+    """The result of [`unroll`][hypergrad.unroll].
+
+    Attributes:
+        params: the parameters after the last step.
+        state: the optimizer state after the last step.
+        buffers: the buffers after the last step (``None`` when none were carried).
+        losses: a 1-d tensor, the inner loss at each step (evaluated before that step's update).
+
+    Examples:
+        >>> traj = hg.unroll(lambda p, a, x: ((p["w"] - x) ** 2).sum(), {"w": torch.zeros(1)},
+        ...                  hg.optim.sgd(lr=0.25), torch.ones(3, 1))
+        >>> traj.params["w"], traj.losses
+        (tensor([0.8750]), tensor([1.0000, 0.2500, 0.0625]))
+    """
+
+    params: PyTree
+    state: PyTree
+    buffers: PyTree
+    losses: torch.Tensor
+
+
+class Hypergradient(NamedTuple):
+    """The result of [`hypergrad`][hypergrad.hypergrad].
+
+    Attributes:
+        value: the outer loss after K steps (a detached 0-d tensor).
+        aux: the gradient with respect to ``aux`` (same structure), or ``None`` if not asked.
+        hyperparams: a dict ``{name: gradient}`` for the hyperparameters asked for (a float
+            hyperparameter gets a 0-d gradient), or ``None``.
+        params: the gradient with respect to the initial params (MAML), or ``None``.
+
+    Examples:
+        >>> inner = lambda p, a, x: ((p["w"] - a * x) ** 2).sum()
+        >>> outer = lambda p, a, x: (p["w"] ** 2).sum()
+        >>> g = hg.hypergrad(outer, inner, {"w": torch.ones(1)}, hg.optim.sgd(lr=0.1),
+        ...                  torch.ones(3, 1), None, aux=torch.tensor(0.5), wrt=("aux", "lr"))
+        >>> g.aux.shape, sorted(g.hyperparams), g.params is None
+        (torch.Size([]), ['lr'], True)
+    """
+
+    value: torch.Tensor
+    aux: PyTree
+    hyperparams: dict[str, Any] | None
+    params: PyTree
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """The checked, normalised arguments of one public call (see ``set_up``).
+
+    ``hyperparams`` holds every hyperparameter (the optimizer's, with the call's replacements),
+    those named by ``wrt`` as tensors; ``outer`` is ``outer(params, buffers, aux)`` with the
+    outer batch bound (``None`` for an unroll); ``method`` is ``None`` for an unroll.
+    """
+
+    inner_loss: Callable[..., Any]
+    params: PyTree
+    opt: Optimizer
+    source: Batches
+    aux: PyTree
+    state: PyTree
+    buffers: PyTree
+    hyperparams: dict[str, Any]
+    seed: int
+    inner_grad: str
+    compile: Compile | None
+    progress: bool
+    check_finite: bool
+    method: Method | None = None
+    targets: tuple[str, ...] = ()
+    hyper_names: tuple[str, ...] = ()
+    outer: Callable[[PyTree, PyTree, PyTree], torch.Tensor] | None = None
+
+    @property
+    def has_buffers(self) -> bool:
+        """Whether buffers are carried from step to step."""
+        return self.buffers is not None
+
+    @property
+    def first_order(self) -> bool:
+        """Whether the step must detach its inner gradient (the method says so)."""
+        return self.method is not None and self.method.first_order
+
+    @property
+    def step_inner_grad(self) -> str:
+        """How the step takes the inner gradient: torch.func where a transform or compile needs it."""
+        functional = self.method is not None and self.method.functional
+        return "func" if functional or self.compile is not None else self.inner_grad
+
+
+def set_up(
+    inner_loss: Callable[..., Any],
+    params: PyTree,
+    opt: Optimizer,
+    batches: Any,
+    *,
+    steps: int | None,
+    aux: PyTree,
+    state: PyTree,
+    buffers: PyTree,
+    hyperparams: Mapping[str, Any] | None,
+    seed: int | None,
+    inner_grad: str,
+    compile: bool | str | Compile,
+    progress: bool,
+    check_finite: bool,
+    method: str | Method | None = None,
+    wrt: str | Sequence[str] = ("aux",),
+    outer: tuple[Callable[..., Any], Any] | None = None,
+) -> Setup:
+    """Check a public call's arguments and normalise them into a ``Setup`` (the front door).
+
+    ``method=None`` sets up an unroll (nothing differentiated, ``wrt`` ignored); ``outer`` is
+    ``(outer_loss, outer_batch)`` for a hypergradient.
+    """
+    how = None if method is None else resolve(method)
+    check_opt(opt)
+    check_params(params)
+    source = Batches(batches, steps)
+    hp: dict[str, Any] = {**opt.hyperparams, **(hyperparams or {})}
+    targets, names = ((), ()) if how is None else parse_wrt(wrt, aux, hp, opt)
+    first = _tree.leaves(params)[0]  # check_params: a non-empty tree of floating-point tensors
+    for name in names:
+        hp[name] = to_tensor(hp[name], first.dtype, first.device)
+    if "aux" in targets:
+        check_float(aux, "aux")
+    check_inner_grad(inner_grad)
+    options = check_compile(compile)
+    if how is not None and how.functional and inner_grad == "autograd":
+        raise ValueError(
+            f"{caller()}: method {how!r} runs torch.func.jvp through the steps, which needs "
+            "inner_grad='func' (or 'auto'); torch.autograd.grad cannot run under it."
+        )
+    if options is not None and inner_grad == "autograd":
+        raise ValueError(
+            f"{caller()}: compile={compile!r} compiles the inner gradient with torch.func, so it "
+            "needs inner_grad='func' or 'auto'; torch.autograd.grad inside torch.compile breaks "
+            "the graph. Pass inner_grad='auto', or compile=False."
+        )
+    return Setup(
+        inner_loss=inner_loss,
+        params=params,
+        opt=opt,
+        source=source,
+        aux=aux,
+        state=state,
+        buffers=buffers,
+        hyperparams=hp,
+        seed=draw_seed() if seed is None else seed,
+        inner_grad=inner_grad,
+        compile=options,
+        progress=progress,
+        check_finite=check_finite,
+        method=how,
+        targets=targets,
+        hyper_names=names,
+        outer=None if outer is None else outer_fn(*outer, buffers is not None),
+    )
+
+
+def _no_outer(params: PyTree, buffers: PyTree, aux: PyTree) -> torch.Tensor:
+    return torch.zeros(())
+
+
+def single_problem(setup: Setup) -> Problem:
+    """The problem of one model: the engine's step (compiled if asked) in the K-step loop."""
+    step = build_step(
+        setup.inner_loss,
+        setup.opt,
+        has_buffers=setup.has_buffers,
+        inner_grad=setup.step_inner_grad,
+        first_order=setup.first_order,
+        compile=setup.compile,
+        steps=setup.source.steps,
+    )
+    return Problem(
+        step=step,
+        outer=setup.outer or _no_outer,
+        params=setup.params,
+        state=setup.state,
+        buffers=setup.buffers,
+        aux=setup.aux,
+        hyperparams=setup.hyperparams,
+        batch_at=setup.source.at,
+        steps=setup.source.steps,
+        seed=setup.seed,
+        targets=setup.targets,
+        hyper_names=setup.hyper_names,
+        devices=rng_devices(setup.params),
+        init=lambda p, h: setup.opt.init(p, hyperparams=h),
+        multi=multi_step(step),
+    )
+
+
+@contextlib.contextmanager
+def progress_bar(enabled: bool, total: int, desc: str) -> Iterator[Any]:
+    """A tqdm bar (or ``None``) whose ``update`` is passed as ``Problem.on_step``."""
+    if not enabled:
+        yield None
+        return
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        raise ImportError(
+            f"{caller()}: progress=True needs tqdm, which is not installed. Install it with "
+            "`pip install tqdm`, or pass progress=False."
+        ) from None
+    bar = tqdm(total=total, desc=desc, unit="step")
+    try:
+        yield bar
+    finally:
+        bar.close()
+
+
+def _with_bar(problem: Problem, bar: Any) -> Problem:
+    return problem if bar is None else dataclasses.replace(problem, on_step=lambda: bar.update(1))
+
+
+class Runner(Protocol):
+    """What ``differentiate`` runs: a method, or a transform's own way to run one."""
+
+    def evaluations(self, problem: Problem) -> int: ...
+
+    def __call__(self, problem: Problem) -> MethodResult: ...
+
+
+def differentiate(setup: Setup, problem: Problem, runner: Runner | None = None) -> Hypergradient:
+    """Run the method on ``problem`` and finish: finite check, unused-aux warning, result."""
+    how = setup.method
+    assert how is not None, "differentiate needs a Setup with a method"
+    how.validate(problem)
+    run = runner or how
+    with progress_bar(setup.progress, run.evaluations(problem), repr(how)) as bar:
+        result = run(_with_bar(problem, bar))
+    if setup.check_finite:
+        grads = [g for g in _tree.leaves(result.grads) if isinstance(g, torch.Tensor)]
+        if not all_finite(result.value, result.losses, *grads):
+            raise_nonfinite(problem, result.value, result.grads)
+    _warn_unused(result.unused, how)
+    return Hypergradient(
+        result.value,
+        result.grads.get("aux"),
+        result.grads.get("hyperparams"),
+        result.grads.get("params"),
+    )
+
+
+def _warn_unused(unused: tuple[str, ...], how: Method) -> None:
+    prefix = "['aux']"
+    for path in unused:
+        if not path.startswith(prefix):
+            continue
+        where = "aux" + path[len(prefix) :]
+        if how.first_order:
+            why = (
+                "with method='first_order' (inner gradients held constant), so its "
+                "hypergradient is identically zero. Use an exact method for aux that enters "
+                "only the inner loss."
+            )
+        else:
+            why = (
+                "through the unroll: its hypergradient is identically zero. Check that "
+                "inner_loss or outer_loss uses it, or remove it from aux."
+            )
+        warnings.warn(
+            f"{caller()}: {where} does not affect the outer loss {why}", UserWarning, stacklevel=4
+        )
+
+
+def trajectory(setup: Setup, problem: Problem) -> Trajectory:
+    """Run the whole loop of ``problem`` and finish: finite check, result."""
+    with progress_bar(setup.progress, problem.steps, "unroll") as bar:
+        run = _with_bar(problem, bar)
+        carry, aux, hp = run.bind({})
+        carry, losses = run_steps(run, carry, aux, hp, 0, problem.steps)
+    stacked = torch.stack(losses)
+    if setup.check_finite and not in_functorch_transform():
+        final = [x for x in _tree.leaves(carry.params) if isinstance(x, torch.Tensor)]
+        if not all_finite(stacked, *final):
+            locate_nonfinite(problem)
+    return Trajectory(carry.params, carry.state, carry.buffers, stacked)

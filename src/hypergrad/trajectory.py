@@ -1,0 +1,108 @@
+"""``hg.unroll``: K differentiable optimizer steps, and the ``Trajectory`` they leave."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from hypergrad._boundary import entered
+from hypergrad._clients import Clients, federated
+from hypergrad._engine.compile import Compile
+from hypergrad._front import Trajectory, set_up, single_problem, trajectory
+from hypergrad.optim._base import Optimizer
+from hypergrad.tree import PyTree
+
+__all__ = ["Trajectory", "unroll"]
+
+
+def unroll(
+    inner_loss: Callable[..., Any],
+    params: PyTree,
+    opt: Optimizer,
+    batches: Any,
+    *,
+    aux: PyTree = None,
+    state: PyTree = None,
+    buffers: PyTree = None,
+    steps: int | None = None,
+    hyperparams: Mapping[str, Any] | None = None,
+    seed: int | None = None,
+    progress: bool = False,
+    inner_grad: str = "auto",
+    check_finite: bool = True,
+    compile: bool | str | Compile = False,
+    clients: Clients | None = None,
+) -> Trajectory:
+    """Run K differentiable optimizer steps of ``inner_loss`` and return the ``Trajectory``.
+
+    The steps are recorded by autograd whenever an input requires grad (``params``, ``aux``, a
+    tensor hyperparameter), so ``torch.autograd.grad`` of anything computed from the result
+    flows back through all K steps. For a hypergradient with a choice of method (checkpointing,
+    truncation, forward mode), use [`hg.hypergrad`][hypergrad.hypergrad]. Inputs are never modified.
+
+    Args:
+        inner_loss: ``inner_loss(params, aux, batch) -> scalar``; when ``buffers`` is given it is
+            called as ``inner_loss(params, aux, batch, buffers)`` and must return
+            ``(loss, new_buffers)`` (e.g. BatchNorm running statistics).
+        params: the initial parameters (a pytree, e.g. from ``hg.split(model)``).
+        opt: a functional optimizer, e.g. ``hg.optim.sgd(lr=0.1)``.
+        batches: a tensor / tuple / dict of tensors with a leading step dimension, an iterable
+            of batches (consumed lazily), or a function ``batch_fn(k)``.
+        aux: a pytree passed unchanged to ``inner_loss`` at every step.
+        state: the initial optimizer state; default ``opt.init(params, hyperparams=...)``.
+        buffers: the initial buffers; ``None`` when nothing is carried. torch updates
+            BatchNorm's running statistics without autograd, so every method treats them as
+            constants: no hypergradient flows through them (an outer loss in eval mode sees
+            them, but not their dependence on ``aux``). Buffers computed with differentiable
+            ops (a functional moving average) are differentiated like the params.
+        steps: K; default: the number of stacked batches, or ``len(batches)``.
+        hyperparams: replaces ``opt.hyperparams`` (same keys); tensors here are differentiable.
+        seed: base seed; step ``k`` runs with ``torch.manual_seed(seed + k)`` inside
+            ``torch.random.fork_rng``. Default: one draw from the global generator.
+        progress: show a tqdm progress bar.
+        inner_grad: how the step takes the inner gradient: ``"auto"``, ``"func"`` or
+            ``"autograd"`` (same numbers; see the methods concepts page).
+        check_finite: after the loop, check (one device sync) that the losses and final params
+            are finite; if not, replay to find the step and key and raise.
+        compile: ``True`` compiles the steps with ``torch.compile`` (eager fallback with one
+            ``hg.CompileFallbackWarning``), ``"strict"`` raises ``hg.CompileError`` instead,
+            ``hg.Compile(...)`` sets the options; see [`hg.Compile`][hypergrad.Compile]. A
+            compiled trajectory supports one backward pass (no ``create_graph``).
+        clients: ``hg.Clients(...)`` runs C stacked client models at once (vmapped), in
+            federated rounds: see [`hg.Clients`][hypergrad.Clients]. ``params`` then holds the
+            clients' stacked params and the result their stacked values after the last local
+            step (not aggregated), with ``losses`` of shape ``(rounds * K, C)``.
+
+    Returns:
+        A [`Trajectory`][hypergrad.trajectory.Trajectory] ``(params, state, buffers, losses)`` with
+        ``losses`` of shape ``(K,)``.
+
+    Raises:
+        ValueError: a non-scalar inner loss, or batches that run out before ``steps``.
+        FloatingPointError: a nan/inf loss or update (names the step and the key path).
+
+    Examples:
+        >>> loss = lambda p, aux, x: ((p["w"] - x) ** 2).sum()
+        >>> traj = hg.unroll(loss, {"w": torch.tensor([0.0])}, hg.optim.sgd(lr=0.25), torch.ones(3, 1))
+        >>> traj.params["w"], traj.losses
+        (tensor([0.8750]), tensor([1.0000, 0.2500, 0.0625]))
+    """
+    with entered("hg.unroll"):
+        setup = set_up(
+            inner_loss,
+            params,
+            opt,
+            batches,
+            steps=steps if clients is None else clients.total_steps(steps),
+            aux=aux,
+            state=state,
+            buffers=buffers,
+            hyperparams=hyperparams,
+            seed=seed,
+            inner_grad=inner_grad,
+            compile=compile,
+            progress=progress,
+            check_finite=check_finite,
+        )
+        problem = single_problem(setup) if clients is None else federated(setup, clients)[0]
+        return trajectory(setup, problem)
