@@ -47,7 +47,7 @@ def _size(dataset: PyTree, index: int) -> int:
             f"dimension; got {shapes or 'no tensors'}. Pass e.g. (x_c, y_c) with "
             "x_c.shape[0] == y_c.shape[0]."
         )
-    return lengths.pop()
+    return int(lengths.pop())  # type: ignore[arg-type]  # None was refused above
 
 
 def pad(datasets: Sequence[PyTree], /, *, value: float = 0) -> Padded:
@@ -76,7 +76,8 @@ def pad(datasets: Sequence[PyTree], /, *, value: float = 0) -> Padded:
     if len(datasets) == 0:
         raise ValueError("hg.clients.pad: got no datasets; pass one dataset per client.")
     datasets = list(datasets)
-    _tree.check_same_structure(datasets, caller="hg.clients.pad")
+    with entered("hg.clients.pad"):
+        _tree.check_same_structure(datasets)
     sizes = [_size(d, i) for i, d in enumerate(datasets)]
     longest = max(sizes)
     paths = _tree.key_paths(datasets[0])

@@ -1,0 +1,122 @@
+"""The ground every ``hg.tree`` function stands on: flattening, key paths and structure checks."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from typing import Any
+
+import optree
+import torch
+
+from hypergrad._boundary import caller, entered
+
+PyTree = Any
+
+# Tensors are leaves; None is an empty subtree (optree's default), so optional entries such as
+# "no momentum buffer" cost nothing.
+_NAMESPACE = "hypergrad"
+
+
+def public_call(name: str) -> contextlib.AbstractContextManager[Any]:
+    """``entered(name)`` (``hypergrad._boundary``), or nothing while torch.compile traces.
+
+    For public calls that also run inside compiled code (an ``hg.tree`` function in a loss, an
+    optimizer step): dynamo cannot trace a ``ContextVar``, and an error stops its trace anyway.
+
+    Examples:
+        >>> from hypergrad._boundary import caller
+        >>> with public_call("hg.tree.add"):
+        ...     caller()
+        'hg.tree.add'
+    """
+    return contextlib.nullcontext() if torch.compiler.is_compiling() else entered(name)
+
+
+def keystr(path: Sequence[Any]) -> str:
+    """Format an optree key path as Python indexing, e.g. ``['layer.weight'][0]``.
+
+    Args:
+        path: a sequence of dict keys, sequence indices or attribute names.
+
+    Returns:
+        The path written as indexing, or ``<root>`` for the empty path.
+
+    Examples:
+        >>> keystr(("fc.weight",))
+        "['fc.weight']"
+        >>> keystr(())
+        '<root>'
+    """
+    if not path:
+        return "<root>"
+    return "".join(f"[{k!r}]" for k in path)
+
+
+def leaves(tree: PyTree, /) -> list[Any]:
+    """Return the leaves of ``tree`` in a fixed (sorted-key) order.
+
+    Examples:
+        >>> leaves({"b": torch.ones(1), "a": torch.zeros(1)})
+        [tensor([0.]), tensor([1.])]
+    """
+    return optree.tree_leaves(tree, namespace=_NAMESPACE)
+
+
+def key_paths(tree: PyTree, /) -> list[str]:
+    """Return the key path of every leaf, formatted with [`keystr`][hypergrad.tree.keystr].
+
+    Examples:
+        >>> key_paths({"w": torch.ones(2), "opt": (torch.ones(1), torch.ones(1))})
+        ["['opt'][0]", "['opt'][1]", "['w']"]
+    """
+    paths, _, _ = optree.tree_flatten_with_path(tree, namespace=_NAMESPACE)
+    return [keystr(p) for p in paths]
+
+
+def describe_difference(a: PyTree, b: PyTree, a_name: str, b_name: str) -> str:
+    """Where two trees of different structure differ: the first key only one of them has.
+
+    Examples:
+        >>> describe_difference({"w": 1, "b": 2}, {"w": 1}, "params", "grads")
+        "key ['b'] is in params but not in grads"
+    """
+    paths_a, _, spec_a = optree.tree_flatten_with_path(a, namespace=_NAMESPACE)
+    paths_b, _, spec_b = optree.tree_flatten_with_path(b, namespace=_NAMESPACE)
+    set_a, set_b = set(paths_a), set(paths_b)
+    only_a = [p for p in paths_a if p not in set_b]
+    only_b = [p for p in paths_b if p not in set_a]
+    if only_a:
+        return f"key {keystr(only_a[0])} is in {a_name} but not in {b_name}"
+    if only_b:
+        return f"key {keystr(only_b[0])} is in {b_name} but not in {a_name}"
+    return f"same keys but different containers: {spec_a} vs {spec_b}"
+
+
+def check_same_structure(trees: Sequence[PyTree]) -> None:
+    """Raise ``ValueError`` naming the first differing key path if ``trees`` differ in structure.
+
+    The message starts with the public call in progress, ``caller()``.
+
+    Args:
+        trees: two or more trees that must share one structure.
+
+    Examples:
+        >>> from hypergrad._boundary import entered
+        >>> with entered("hg.tree.add"):
+        ...     check_same_structure([{"a": 1}, {"b": 1}])
+        Traceback (most recent call last):
+        ...
+        ValueError: hg.tree.add: the trees have different structure: key ['a'] is in the first tree but not in the second tree. Pass trees with the same keys, e.g. both from hg.split(model).
+    """
+    if len(trees) < 2:
+        return
+    spec0 = optree.tree_structure(trees[0], namespace=_NAMESPACE)
+    for i, t in enumerate(trees[1:], start=1):
+        if optree.tree_structure(t, namespace=_NAMESPACE) != spec0:
+            which = "the second tree" if i == 1 else f"tree number {i + 1}"
+            raise ValueError(
+                f"{caller()}: the trees have different structure: "
+                f"{describe_difference(trees[0], t, 'the first tree', which)}. "
+                "Pass trees with the same keys, e.g. both from hg.split(model)."
+            )
