@@ -19,7 +19,9 @@ from typing import Any
 
 import torch
 
+from hypergrad._boundary import caller, entered
 from hypergrad.tree import PyTree
+from hypergrad.tree._base import public_call
 
 __all__ = ["Optimizer"]
 
@@ -78,21 +80,22 @@ class Optimizer:
             >>> type(state).__name__, state.step
             ('AdamState', tensor(0.))
         """
-        return self.init_fn(params, self._merge(hyperparams, "init"), self.options)
+        with public_call(f"hg.optim.{self.name}.init"):
+            return self.init_fn(params, self._merge(hyperparams), self.options)
 
-    def _merge(self, hyperparams: Mapping[str, Any] | None, method: str) -> Mapping[str, Any]:
+    def _merge(self, hyperparams: Mapping[str, Any] | None) -> Mapping[str, Any]:
         if hyperparams is None:
             return self.hyperparams
         if not isinstance(hyperparams, Mapping):
             raise ValueError(
-                f"hg.optim.{self.name}.{method}: hyperparams must be a dict such as "
+                f"{caller()}: hyperparams must be a dict such as "
                 f"{{'lr': torch.tensor(0.1)}}, got a {type(hyperparams).__name__}."
             )
         unknown = [k for k in hyperparams if k not in self.hyperparams]
         if unknown:
             known = ", ".join(self.hyperparams)
             raise ValueError(
-                f"hg.optim.{self.name}.{method}: unknown hyperparameter {unknown[0]!r}; this "
+                f"{caller()}: unknown hyperparameter {unknown[0]!r}; this "
                 f"optimizer has: {known}. Static options ({', '.join(self.options)}) are changed "
                 "with opt.replace(...), not per step."
             )
@@ -158,7 +161,9 @@ class Optimizer:
             >>> new["w"]
             tensor([0.5000, 1.5000])
         """
-        return self.update_fn(params, grads, state, self._merge(hyperparams, "step"), self.options)
+        with public_call(f"hg.optim.{self.name}.step"):
+            hp = self._merge(hyperparams)
+            return self.update_fn(params, grads, state, hp, self.options)
 
     def replace(self, **changes: Any) -> Optimizer:
         """Return a copy with some hyperparameters or options replaced, e.g. ``opt.replace(lr=t)``.
@@ -178,7 +183,8 @@ class Optimizer:
                     f"{self.name}.replace: unknown name {key!r}; this optimizer has: {known}."
                 )
         if self.check_fn is not None:
-            self.check_fn(hp, opts)
+            with entered(f"hg.optim.{self.name}"):
+                self.check_fn(hp, opts)
         return dataclasses.replace(self, hyperparams=hp, options=opts)
 
     def __repr__(self) -> str:

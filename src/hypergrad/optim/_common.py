@@ -1,7 +1,7 @@
 """Machinery shared by the optimizer families: hyperparameter checks and the flat-group step.
 
-Every family writes its maths once, as a function of tensors (``math(p, g, buffers, step, hp,
-options)``). ``flat_update`` runs it once per (dtype, device) group of leaves: the leaves of
+Every family writes its maths once, as a function of one group's flat tensors (``math(Flat(p,
+g, buffers, step, hp, options))``). ``flat_update`` runs it once per (dtype, device) group of leaves: the leaves of
 the params, grads and state buffers are concatenated into one flat vector each, per-parameter
 hyperparameters become flat vectors the same way, the maths runs once on the flat vectors, and the
 results are split back into leaves. This batches the tensor work like ``torch._foreach_*`` does,
@@ -11,22 +11,20 @@ but with ordinary differentiable ops, so it works under ``torch.func.grad``, ``j
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, NamedTuple
 
 import optree
 import torch
 
+from hypergrad._boundary import caller, entered, is_number
 from hypergrad.tree import _NAMESPACE, PyTree, keystr
+from hypergrad.tree._base import describe_difference
 
 Scalar = float | torch.Tensor
-Math = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor | None]]]
-
-
-def is_number(x: Any) -> bool:
-    """A real Python number (bools are not hyperparameters)."""
-    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+#: A hyperparameter: a number, a 0-d tensor, a per-parameter dict or a per-element tensor.
+Hyper = float | torch.Tensor | Mapping[str, Any]
+Buffers = dict[str, torch.Tensor | None]
 
 
 def is_zero(x: Any) -> bool:
@@ -77,21 +75,19 @@ def _values(value: Any) -> Iterator[tuple[str, float]]:
                 yield f"[{key!r}]{where}", number
 
 
-def check_range(
-    caller: str, name: str, value: Any, *, low: float = 0.0, high: float | None = None
-) -> None:
+def check_range(name: str, value: Any, *, low: float = 0.0, high: float | None = None) -> None:
     """Raise ``ValueError`` if a readable value of ``name`` lies outside ``[low, high)``."""
     for where, number in _values(value):
         bad = not (number >= low) or (high is not None and not number < high)
         if bad:
             interval = f"[{low}, {high})" if high is not None else f">= {low}"
             raise ValueError(
-                f"{caller}: invalid {name}{where}: {number}; it must be {interval}, "
+                f"{caller()}: invalid {name}{where}: {number}; it must be {interval}, "
                 "as in torch.optim."
             )
 
 
-def check_form(caller: str, name: str, value: Any) -> None:
+def check_form(name: str, value: Any) -> None:
     """Check that a hyperparameter is a number, a tensor or a per-parameter dict of those."""
     if is_number(value) or isinstance(value, torch.Tensor):
         return
@@ -99,19 +95,38 @@ def check_form(caller: str, name: str, value: Any) -> None:
         for key, item in value.items():
             if not (is_number(item) or isinstance(item, torch.Tensor)):
                 raise ValueError(
-                    f"{caller}: {name}[{key!r}] is a {type(item).__name__}; each entry of a "
+                    f"{caller()}: {name}[{key!r}] is a {type(item).__name__}; each entry of a "
                     "per-parameter dict must be a float, a 0-d tensor or a tensor shaped like "
                     "that parameter."
                 )
         return
     raise ValueError(
-        f"{caller}: {name} is a {type(value).__name__}; expected a float, a 0-d tensor, a "
+        f"{caller()}: {name} is a {type(value).__name__}; expected a float, a 0-d tensor, a "
         "per-parameter dict keyed like the params, or a tensor shaped like the parameter."
     )
 
 
+def check_hyperparams(
+    hp: Mapping[str, Any],
+    options: Mapping[str, Any] | None = None,
+    *,
+    unchecked: tuple[str, ...] = (),
+    below_one: tuple[str, ...] = (),
+) -> None:
+    """torch.optim's checks: every hyperparameter of a valid form, then in its range.
+
+    A value must be ``>= 0``, or in ``[0, 1)`` for the names in ``below_one``; the names in
+    ``unchecked`` may take any value. With the defaults, the whole check of a family whose
+    options need none (``build``'s default).
+    """
+    for name, value in hp.items():
+        check_form(name, value)
+    for name, value in hp.items():
+        if name not in unchecked:
+            check_range(name, value, high=1.0 if name in below_one else None)
+
+
 def resolve(
-    caller: str,
     name: str,
     value: Any,
     paths: list[tuple[Any, ...]],
@@ -129,7 +144,7 @@ def resolve(
         for path, shape in zip(paths, shapes):
             if value.shape != shape:
                 raise ValueError(
-                    f"{caller}: {name} has shape {tuple(value.shape)} but parameter "
+                    f"{caller()}: {name} has shape {tuple(value.shape)} but parameter "
                     f"{keystr(path)} has shape {tuple(shape)}; a tensor hyperparameter must be "
                     "0-d or shaped like every parameter. Use a per-parameter dict, e.g. "
                     f"{name}={{'fc.weight': tensor, ...}}."
@@ -137,37 +152,37 @@ def resolve(
         return [value] * len(shapes)
     if isinstance(value, Mapping):
         if optree.tree_structure(value, namespace=_NAMESPACE) != spec:
-            _explain_dict_mismatch(caller, name, value, paths)
+            _explain_dict_mismatch(name, value, paths)
         out = optree.tree_leaves(value, namespace=_NAMESPACE)
         for path, shape, item in zip(paths, shapes, out):
             if isinstance(item, torch.Tensor) and item.dim() and item.shape != shape:
                 raise ValueError(
-                    f"{caller}: {name}{keystr(path)} has shape {tuple(item.shape)} but the "
+                    f"{caller()}: {name}{keystr(path)} has shape {tuple(item.shape)} but the "
                     f"parameter has shape {tuple(shape)}; use a 0-d tensor or one shaped like "
                     "the parameter."
                 )
         return out
-    check_form(caller, name, value)
+    check_form(name, value)
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def _explain_dict_mismatch(caller: str, name: str, value: Mapping, paths: list) -> None:
+def _explain_dict_mismatch(name: str, value: Mapping, paths: list) -> None:
     hp_paths, _, _ = optree.tree_flatten_with_path(value, namespace=_NAMESPACE)
     have, want = set(hp_paths), set(paths)
     for p in paths:
         if p not in have:
             raise ValueError(
-                f"{caller}: the per-parameter dict {name} has no entry for parameter "
+                f"{caller()}: the per-parameter dict {name} has no entry for parameter "
                 f"{keystr(p)}; give every parameter a value (or pass one float for all)."
             )
     for p in hp_paths:
         if p not in want:
             raise ValueError(
-                f"{caller}: the per-parameter dict {name} has an entry {keystr(p)} that is not "
+                f"{caller()}: the per-parameter dict {name} has an entry {keystr(p)} that is not "
                 "a parameter; remove it or check the spelling against params.keys()."
             )
     raise ValueError(  # pragma: no cover - same keys, different containers
-        f"{caller}: the per-parameter dict {name} is not keyed like the params."
+        f"{caller()}: the per-parameter dict {name} is not keyed like the params."
     )
 
 
@@ -238,19 +253,33 @@ def axpy(x: torch.Tensor, a: Scalar, y: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------- the flat step
 
 
-def _explain(caller: str, what: str, params: PyTree, other: PyTree) -> None:
-    pa, _, sa = optree.tree_flatten_with_path(params, namespace=_NAMESPACE)
-    pb, _, sb = optree.tree_flatten_with_path(other, namespace=_NAMESPACE)
-    only_a = [p for p in pa if p not in set(pb)]
-    only_b = [p for p in pb if p not in set(pa)]
-    if only_a:
-        detail = f"key {keystr(only_a[0])} is in params but not in {what}"
-    elif only_b:
-        detail = f"key {keystr(only_b[0])} is in {what} but not in params"
-    else:
-        detail = f"same keys but different containers: {sa} vs {sb}"
+class Flat(NamedTuple):
+    """What a family's maths gets for one flat group of leaves (see ``flat_update``)."""
+
+    p: torch.Tensor
+    g: torch.Tensor
+    bufs: Buffers
+    step: torch.Tensor
+    hp: Mapping[str, Any]
+    options: Mapping[str, Any]
+
+    def grad(self, *, l2: bool = True) -> torch.Tensor:
+        """The gradient torch.optim steps along: negated with ``maximize``, plus the L2 decay.
+
+        ``weight_decay * p`` is added unless ``l2=False`` (AdamW decays the parameters instead).
+        """
+        g = -self.g if self.options["maximize"] else self.g
+        wd = self.hp["weight_decay"]
+        return g if not l2 or is_zero(wd) else axpy(g, wd, self.p)
+
+
+Math = Callable[[Flat], tuple[torch.Tensor, Buffers]]
+
+
+def _explain(what: str, params: PyTree, other: PyTree) -> None:
+    detail = describe_difference(params, other, "params", what)
     raise ValueError(
-        f"{caller}: {what} does not have the structure of params: {detail}. Pass {what} "
+        f"{caller()}: {what} does not have the structure of params: {detail}. Pass {what} "
         "keyed exactly like params (e.g. torch.func.grad of a loss of params)."
     )
 
@@ -295,7 +324,6 @@ def _layout(spec: optree.PyTreeSpec, p_leaves: list[torch.Tensor]) -> list[_Grou
 
 
 def flat_update(
-    caller: str,
     math: Math,
     params: PyTree,
     grads: PyTree,
@@ -306,9 +334,9 @@ def flat_update(
 ) -> tuple[PyTree, dict[str, PyTree | None]]:
     """Run ``math`` once per (dtype, device) group on flat vectors; return new params, buffers.
 
-    ``math(p, g, bufs, step, hp, options)`` gets flat tensors ``p``, ``g``, a dict of flat
-    buffers (``None`` for a buffer that is off), the new step count and the hyperparameters
-    (numbers, 0-d tensors or flat vectors); it returns ``(new_p, new_bufs)``.
+    ``math`` gets a ``Flat``: flat tensors ``p``, ``g``, a dict of flat buffers (``None`` for a
+    buffer that is off), the new step count, the hyperparameters (numbers, 0-d tensors or flat
+    vectors) and the options; it returns ``(new_p, new_bufs)``.
 
     The per-structure work (grouping, sizes, shapes) is cached; when the params or a buffer
     are the consecutive views of one flat vector (as this function returns them) that vector
@@ -317,7 +345,7 @@ def flat_update(
     p_leaves, spec = optree.tree_flatten(params, namespace=_NAMESPACE)
     g_leaves, g_spec = optree.tree_flatten(grads, namespace=_NAMESPACE)
     if g_spec != spec:
-        _explain(caller, "grads", params, grads)
+        _explain("grads", params, grads)
     b_leaves: dict[str, list[torch.Tensor] | None] = {}
     for name, tree in buffers.items():
         if tree is None:
@@ -325,10 +353,10 @@ def flat_update(
             continue
         leaves, b_spec = optree.tree_flatten(tree, namespace=_NAMESPACE)
         if b_spec != spec:
-            _explain(caller, f"state.{name}", params, tree)
+            _explain(f"state.{name}", params, tree)
         b_leaves[name] = leaves
     shapes = [p.shape for p in p_leaves]
-    hp = _resolve_all(caller, hyperparams, spec, shapes)
+    hp = _resolve_all(hyperparams, spec, shapes)
     groups = _layout(spec, p_leaves)
     n = len(p_leaves)
     new_p: list[Any] = [None] * n
@@ -345,7 +373,7 @@ def flat_update(
             for k, v in hp.items()
         }
         bufs = {k: (None if v is None else _cat(v, group)) for k, v in b_leaves.items()}
-        out_p, out_b = math(p, _cat(g_leaves, group), bufs, step, ghp, options)
+        out_p, out_b = math(Flat(p, _cat(g_leaves, group), bufs, step, ghp, options))
         _scatter(out_p, group, new_p)
         for k, v in out_b.items():
             if v is not None:
@@ -358,7 +386,7 @@ def flat_update(
 
 
 def _resolve_all(
-    caller: str, hyperparams: Mapping[str, Any], spec: optree.PyTreeSpec, shapes: list
+    hyperparams: Mapping[str, Any], spec: optree.PyTreeSpec, shapes: list
 ) -> dict[str, Any]:
     """``resolve`` every hyperparameter; numbers (the common case) pass straight through."""
     hp: dict[str, Any] = {}
@@ -372,10 +400,10 @@ def _resolve_all(
             paths = spec.paths()
         if isinstance(value, tuple):
             hp[name] = tuple(
-                resolve(caller, f"{name}[{i}]", v, paths, shapes, spec) for i, v in enumerate(value)
+                resolve(f"{name}[{i}]", v, paths, shapes, spec) for i, v in enumerate(value)
             )
         else:
-            hp[name] = resolve(caller, name, value, paths, shapes, spec)
+            hp[name] = resolve(name, value, paths, shapes, spec)
     return hp
 
 
@@ -435,25 +463,26 @@ def build(
     *,
     buffers: Callable[[Mapping[str, Any], Mapping[str, Any]], dict[str, Any]],
     math: Math,
-    check: Callable[[Mapping[str, Any], Mapping[str, Any]], None],
+    check: Callable[[Mapping[str, Any], Mapping[str, Any]], None] = check_hyperparams,
 ) -> Any:
     """Assemble an [`Optimizer`][hypergrad.optim.Optimizer] from a family's maths.
 
+    The family constructor ``hg.optim.<name>``'s body: checks the hyperparameters as that call.
     ``buffers(hyperparams, options)`` maps each buffer field of ``state_cls`` to ``None`` (off)
     or to its initial value (a hyperparameter form, e.g. ``0.0``); ``math`` is described in
-    ``flat_update``.
+    ``flat_update``; ``check(hyperparams, options)`` raises for invalid values.
     """
     from hypergrad.optim._base import Optimizer
 
-    check(hyperparams, options)
-    caller = f"hg.optim.{name}"
+    with entered(f"hg.optim.{name}"):
+        check(hyperparams, options)
 
     def init_fn(params: PyTree, hp: Mapping[str, Any], opts: Mapping[str, Any]) -> Any:
         paths, p_leaves, spec = optree.tree_flatten_with_path(params, namespace=_NAMESPACE)
         for path, leaf in zip(paths, p_leaves):
             if not isinstance(leaf, torch.Tensor):
                 raise ValueError(
-                    f"{caller}.init: parameter {keystr(path)} is a {type(leaf).__name__}, not a "
+                    f"{caller()}: parameter {keystr(path)} is a {type(leaf).__name__}, not a "
                     "tensor; pass a tree of tensors such as hg.split(model)[0]."
                 )
         shapes = [p.shape for p in p_leaves]
@@ -464,7 +493,7 @@ def build(
             if start is None:
                 fields[field] = None
                 continue
-            value = resolve(f"{caller}.init", field, start, paths, shapes, spec)
+            value = resolve(field, start, paths, shapes, spec)
             leaves = []
             for i, p in enumerate(p_leaves):
                 v = value[i] if isinstance(value, list) else value
@@ -477,14 +506,12 @@ def build(
     ) -> tuple[PyTree, Any]:
         if not isinstance(state, state_cls):
             raise ValueError(
-                f"{caller}.step: state is a {type(state).__name__}; expected the "
+                f"{caller()}: state is a {type(state).__name__}; expected the "
                 f"{state_cls.__name__} returned by opt.init(params) or a previous opt.step."
             )
         step = state.step + 1
         bufs = {f: getattr(state, f) for f in state_cls._fields[1:]}
-        new_params, new_bufs = flat_update(
-            f"{caller}.step", math, params, grads, bufs, step, hp, opts
-        )
+        new_params, new_bufs = flat_update(math, params, grads, bufs, step, hp, opts)
         return new_params, state_cls(step, **new_bufs)
 
     return Optimizer(name, hyperparams, options, init_fn, update_fn, check, elementwise=True)

@@ -8,20 +8,10 @@ from typing import Any, NamedTuple
 import torch
 
 from hypergrad.optim._base import Optimizer
-from hypergrad.optim._common import (
-    axpy,
-    build,
-    check_form,
-    check_range,
-    is_zero,
-    register_states,
-    safe_sqrt,
-)
+from hypergrad.optim._common import Buffers, Flat, Hyper, build, register_states, safe_sqrt
 from hypergrad.tree import PyTree
 
 __all__ = ["AdagradState", "adagrad"]
-
-Hyper = float | torch.Tensor | Mapping[str, Any]
 
 
 class AdagradState(NamedTuple):
@@ -42,30 +32,14 @@ class AdagradState(NamedTuple):
     sum: PyTree
 
 
-def _math(
-    p: torch.Tensor,
-    g: torch.Tensor,
-    bufs: dict[str, torch.Tensor | None],
-    step: torch.Tensor,
-    hp: Mapping[str, Any],
-    options: Mapping[str, Any],
-) -> tuple[torch.Tensor, dict[str, torch.Tensor | None]]:
+def _math(x: Flat) -> tuple[torch.Tensor, Buffers]:
     # Op order of torch.optim.adagrad._single_tensor_adagrad / _multi_tensor_adagrad.
-    if options["maximize"]:
-        g = -g
-    if not is_zero(hp["weight_decay"]):
-        g = axpy(g, hp["weight_decay"], p)
-    t = step.to(torch.float64)  # scalar maths in float64, as torch's Python floats
+    g, hp = x.grad(), x.hp
+    t = x.step.to(torch.float64)  # scalar maths in float64, as torch's Python floats
     clr = hp["lr"] / (1 + (t - 1) * hp["lr_decay"])
-    state_sum = torch.addcmul(bufs["sum"], g, g, value=1)  # type: ignore[arg-type]
+    state_sum = torch.addcmul(x.bufs["sum"], g, g, value=1)  # type: ignore[arg-type]
     std = safe_sqrt(state_sum) + hp["eps"]
-    return p + g * (-clr) / std, {"sum": state_sum}
-
-
-def _check(hp: Mapping[str, Any], options: Mapping[str, Any]) -> None:
-    for name, value in hp.items():
-        check_form("hg.optim.adagrad", name, value)
-        check_range("hg.optim.adagrad", name, value)
+    return x.p + g * (-clr) / std, {"sum": state_sum}
 
 
 def _buffers(hp: Mapping[str, Any], options: Mapping[str, Any]) -> dict[str, Any]:
@@ -119,9 +93,7 @@ def adagrad(
         "eps": eps,
     }
     options = {"maximize": maximize}
-    return build(
-        "adagrad", AdagradState, hyperparams, options, buffers=_buffers, math=_math, check=_check
-    )
+    return build("adagrad", AdagradState, hyperparams, options, buffers=_buffers, math=_math)
 
 
 register_states(AdagradState)

@@ -7,14 +7,15 @@ from typing import Any, NamedTuple
 
 import torch
 
+from hypergrad._boundary import caller, is_number
 from hypergrad.optim._base import Optimizer
 from hypergrad.optim._common import (
-    axpy,
+    Buffers,
+    Flat,
+    Hyper,
     build,
-    check_form,
-    check_range,
+    check_hyperparams,
     host_value,
-    is_number,
     is_zero,
     once_per_step,
     register_states,
@@ -23,8 +24,6 @@ from hypergrad.optim._common import (
 from hypergrad.tree import PyTree
 
 __all__ = ["AdamState", "adam", "adamw"]
-
-Hyper = float | torch.Tensor | Mapping[str, Any]
 
 
 class AdamState(NamedTuple):
@@ -51,26 +50,13 @@ class AdamState(NamedTuple):
     max_exp_avg_sq: PyTree | None
 
 
-def _adam_math(
-    p: torch.Tensor,
-    g: torch.Tensor,
-    bufs: dict[str, torch.Tensor | None],
-    step: torch.Tensor,
-    hp: Mapping[str, Any],
-    options: Mapping[str, Any],
-    *,
-    decoupled: bool,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor | None]]:
+def _adam_math(x: Flat, *, decoupled: bool) -> tuple[torch.Tensor, Buffers]:
     # Op order of torch.optim.adam._single_tensor_adam (its differentiable branch where a
     # hyperparameter is a tensor) and _multi_tensor_adam.
-    lr, (beta1, beta2), eps, wd = hp["lr"], hp["betas"], hp["eps"], hp["weight_decay"]
-    if options["maximize"]:
-        g = -g
-    if not is_zero(wd):
-        if decoupled:
-            p = p * (1 - lr * wd)
-        else:
-            g = axpy(g, wd, p)
+    p, g, bufs, step, options = x.p, x.grad(l2=not decoupled), x.bufs, x.step, x.options
+    lr, (beta1, beta2), eps, wd = x.hp["lr"], x.hp["betas"], x.hp["eps"], x.hp["weight_decay"]
+    if decoupled and not is_zero(wd):
+        p = p * (1 - lr * wd)
     exp_avg = torch.lerp(bufs["exp_avg"], g, 1 - beta1)  # type: ignore[arg-type]
     v = bufs["exp_avg_sq"]
     if is_number(beta2):
@@ -102,33 +88,27 @@ def _adam_math(
     return new_p, {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq, "max_exp_avg_sq": max_sq}
 
 
-def _math_l2(*args: Any) -> Any:
-    return _adam_math(*args, decoupled=False)
+def _math_l2(x: Flat) -> tuple[torch.Tensor, Buffers]:
+    return _adam_math(x, decoupled=False)
 
 
-def _math_decoupled(*args: Any) -> Any:
-    return _adam_math(*args, decoupled=True)
+def _math_decoupled(x: Flat) -> tuple[torch.Tensor, Buffers]:
+    return _adam_math(x, decoupled=True)
 
 
 def _pair(betas: Any) -> Any:
     return tuple(betas) if isinstance(betas, tuple | list) else betas
 
 
-def _checker(caller: str) -> Any:
-    def check(hp: Mapping[str, Any], options: Mapping[str, Any]) -> None:
-        betas = hp["betas"]
-        if not (isinstance(betas, tuple | list) and len(betas) == 2):
-            raise ValueError(
-                f"{caller}: betas must be a tuple of two values, e.g. (0.9, 0.999); got {betas!r}."
-            )
-        for name in ("lr", "eps", "weight_decay"):
-            check_form(caller, name, hp[name])
-            check_range(caller, name, hp[name])
-        for i, beta in enumerate(betas):
-            check_form(caller, f"betas[{i}]", beta)
-            check_range(caller, f"betas[{i}]", beta, low=0.0, high=1.0)
-
-    return check
+def _check(hp: Mapping[str, Any], options: Mapping[str, Any]) -> None:
+    betas = hp["betas"]
+    if not (isinstance(betas, tuple | list) and len(betas) == 2):
+        raise ValueError(
+            f"{caller()}: betas must be a tuple of two values, e.g. (0.9, 0.999); got {betas!r}."
+        )
+    each_beta = {"betas[0]": betas[0], "betas[1]": betas[1]}
+    others = {name: value for name, value in hp.items() if name != "betas"}
+    check_hyperparams({**others, **each_beta}, below_one=tuple(each_beta))
 
 
 def _buffers(hp: Mapping[str, Any], options: Mapping[str, Any]) -> dict[str, Any]:
@@ -137,6 +117,16 @@ def _buffers(hp: Mapping[str, Any], options: Mapping[str, Any]) -> dict[str, Any
         "exp_avg_sq": 0.0,
         "max_exp_avg_sq": 0.0 if options["amsgrad"] else None,
     }
+
+
+def _family(
+    name: str, lr: Hyper, betas: Any, eps: Hyper, wd: Hyper, amsgrad: bool, maximize: bool
+) -> Optimizer:
+    """What ``adam`` and ``adamw`` build: the weight decay is added to the gradient or decoupled."""
+    hyperparams = {"lr": lr, "betas": _pair(betas), "eps": eps, "weight_decay": wd}
+    options = {"amsgrad": amsgrad, "maximize": maximize}
+    math = _math_decoupled if name == "adamw" else _math_l2
+    return build(name, AdamState, hyperparams, options, buffers=_buffers, math=math, check=_check)
 
 
 def adam(
@@ -191,17 +181,7 @@ def adam(
         >>> sorted(grads), round(grads["lr"].item(), 4)
         (['betas', 'eps', 'lr', 'weight_decay'], -14.3107)
     """
-    hyperparams = {"lr": lr, "betas": _pair(betas), "eps": eps, "weight_decay": weight_decay}
-    options = {"amsgrad": amsgrad, "maximize": maximize}
-    return build(
-        "adam",
-        AdamState,
-        hyperparams,
-        options,
-        buffers=_buffers,
-        math=_math_l2,
-        check=_checker("hg.optim.adam"),
-    )
+    return _family("adam", lr, betas, eps, weight_decay, amsgrad, maximize)
 
 
 def adamw(
@@ -219,19 +199,21 @@ def adamw(
     of [`adam`][hypergrad.optim.adam] (same hyperparameter forms, same zero-safe square root).
 
     Args:
-        lr: learning rate.
+        lr: learning rate; it also scales the decay.
         betas: coefficients of the running averages of the gradient and its square.
         eps: added to the denominator.
-        weight_decay: decoupled weight decay (default 1e-2, as torch).
-        amsgrad: use the running maximum of the second moment (AMSGrad).
+        weight_decay: decoupled weight decay (default 1e-2, as torch), never added to the
+            gradient.
+        amsgrad: use the running maximum of the second moment (AMSGrad), as in Adam.
         maximize: ascend instead of descend.
 
     Returns:
-        An [`Optimizer`][hypergrad.optim.Optimizer] whose state is
+        An [`Optimizer`][hypergrad.optim.Optimizer] named ``"adamw"``, whose state is Adam's
         [`AdamState`][hypergrad.optim.AdamState].
 
     Raises:
-        ValueError: a negative ``lr``, ``eps`` or ``weight_decay``, or a beta outside [0, 1).
+        ValueError: what [`adam`][hypergrad.optim.adam] refuses: a negative ``lr``, ``eps`` or
+            ``weight_decay``, or a beta outside [0, 1).
 
     Examples:
         >>> opt = hg.optim.adamw(lr=0.1, weight_decay=0.5)
@@ -240,17 +222,7 @@ def adamw(
         >>> new["w"], state.step
         (tensor([ 0.9500, -2.0000]), tensor(1.))
     """
-    hyperparams = {"lr": lr, "betas": _pair(betas), "eps": eps, "weight_decay": weight_decay}
-    options = {"amsgrad": amsgrad, "maximize": maximize}
-    return build(
-        "adamw",
-        AdamState,
-        hyperparams,
-        options,
-        buffers=_buffers,
-        math=_math_decoupled,
-        check=_checker("hg.optim.adamw"),
-    )
+    return _family("adamw", lr, betas, eps, weight_decay, amsgrad, maximize)
 
 
 register_states(AdamState)

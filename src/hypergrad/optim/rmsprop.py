@@ -7,13 +7,14 @@ from typing import Any, NamedTuple
 
 import torch
 
+from hypergrad._boundary import is_number
 from hypergrad.optim._base import Optimizer
 from hypergrad.optim._common import (
+    Buffers,
+    Flat,
+    Hyper,
     axpy,
     build,
-    check_form,
-    check_range,
-    is_number,
     is_zero,
     register_states,
     safe_sqrt,
@@ -21,8 +22,6 @@ from hypergrad.optim._common import (
 from hypergrad.tree import PyTree
 
 __all__ = ["RMSpropState", "rmsprop"]
-
-Hyper = float | torch.Tensor | Mapping[str, Any]
 
 
 class RMSpropState(NamedTuple):
@@ -47,27 +46,17 @@ class RMSpropState(NamedTuple):
     grad_avg: PyTree | None
 
 
-def _math(
-    p: torch.Tensor,
-    g: torch.Tensor,
-    bufs: dict[str, torch.Tensor | None],
-    step: torch.Tensor,
-    hp: Mapping[str, Any],
-    options: Mapping[str, Any],
-) -> tuple[torch.Tensor, dict[str, torch.Tensor | None]]:
+def _math(x: Flat) -> tuple[torch.Tensor, Buffers]:
     # Op order of torch.optim.rmsprop._single_tensor_rmsprop / _multi_tensor_rmsprop.
-    lr, alpha, eps = hp["lr"], hp["alpha"], hp["eps"]
-    if options["maximize"]:
-        g = -g
-    if not is_zero(hp["weight_decay"]):
-        g = axpy(g, hp["weight_decay"], p)
+    p, g, bufs = x.p, x.grad(), x.bufs
+    lr, alpha, eps = x.hp["lr"], x.hp["alpha"], x.hp["eps"]
     sq = bufs["square_avg"]
     if is_number(alpha):
         square_avg = torch.addcmul(sq * alpha, g, g, value=1 - alpha)  # type: ignore[operator]
     else:
         square_avg = torch.addcmul(sq * alpha, g * (1 - alpha), g)  # type: ignore[operator]
     grad_avg = None
-    if options["centered"]:
+    if x.options["centered"]:
         grad_avg = torch.lerp(bufs["grad_avg"], g, 1 - alpha)  # type: ignore[arg-type]
         # May round below zero, where torch gives nan: nonnegative=False keeps that forward.
         avg = safe_sqrt(torch.addcmul(square_avg, grad_avg, grad_avg, value=-1), nonnegative=False)
@@ -76,19 +65,13 @@ def _math(
     avg = avg + eps
     buf = bufs["momentum_buffer"]
     if buf is not None:
-        buf = torch.addcdiv(buf * hp["momentum"], g, avg)
+        buf = torch.addcdiv(buf * x.hp["momentum"], g, avg)
         new_p = axpy(p, -lr, buf)
     elif is_number(lr):
         new_p = torch.addcdiv(p, g, avg, value=-lr)
     else:
         new_p = p + g * (-lr) / avg
     return new_p, {"square_avg": square_avg, "momentum_buffer": buf, "grad_avg": grad_avg}
-
-
-def _check(hp: Mapping[str, Any], options: Mapping[str, Any]) -> None:
-    for name, value in hp.items():
-        check_form("hg.optim.rmsprop", name, value)
-        check_range("hg.optim.rmsprop", name, value)
 
 
 def _buffers(hp: Mapping[str, Any], options: Mapping[str, Any]) -> dict[str, Any]:
@@ -147,9 +130,7 @@ def rmsprop(
         "momentum": momentum,
     }
     options = {"centered": centered, "maximize": maximize}
-    return build(
-        "rmsprop", RMSpropState, hyperparams, options, buffers=_buffers, math=_math, check=_check
-    )
+    return build("rmsprop", RMSpropState, hyperparams, options, buffers=_buffers, math=_math)
 
 
 register_states(RMSpropState)

@@ -7,15 +7,16 @@ from typing import Any, NamedTuple
 
 import torch
 
+from hypergrad._boundary import caller, is_number
 from hypergrad.optim._base import Optimizer
 from hypergrad.optim._common import (
+    Buffers,
+    Flat,
     _values,
     axpy,
     build,
-    check_form,
-    check_range,
+    check_hyperparams,
     host_value,
-    is_number,
     is_zero,
     register_states,
 )
@@ -43,20 +44,10 @@ class SGDState(NamedTuple):
     momentum_buffer: PyTree | None
 
 
-def _math(
-    p: torch.Tensor,
-    g: torch.Tensor,
-    bufs: dict[str, torch.Tensor | None],
-    step: torch.Tensor,
-    hp: Mapping[str, Any],
-    options: Mapping[str, Any],
-) -> tuple[torch.Tensor, dict[str, torch.Tensor | None]]:
+def _math(x: Flat) -> tuple[torch.Tensor, Buffers]:
     # Op for op as torch.optim.sgd._single_tensor_sgd / _multi_tensor_sgd.
-    if options["maximize"]:
-        g = -g
-    if not is_zero(hp["weight_decay"]):
-        g = axpy(g, hp["weight_decay"], p)
-    buf = bufs["momentum_buffer"]
+    p, g, step, hp, options = x.p, x.grad(), x.step, x.hp, x.options
+    buf = x.bufs["momentum_buffer"]
     if buf is not None:
         momentum, dampening = hp["momentum"], hp["dampening"]
         step_value = host_value(step)
@@ -86,18 +77,13 @@ def _math(
 
 
 def _check(hp: Mapping[str, Any], options: Mapping[str, Any]) -> None:
-    caller = "hg.optim.sgd"
-    for name, value in hp.items():
-        check_form(caller, name, value)
-    check_range(caller, "lr", hp["lr"])
-    check_range(caller, "momentum", hp["momentum"])
-    check_range(caller, "weight_decay", hp["weight_decay"])
+    check_hyperparams(hp, unchecked=("dampening",))  # torch.optim.SGD takes any dampening
     if options["nesterov"]:
         no_momentum = is_zero(hp["momentum"]) or any(v <= 0 for _, v in _values(hp["momentum"]))
         damped = any(v != 0 for _, v in _values(hp["dampening"]))
         if no_momentum or damped:
             raise ValueError(
-                f"{caller}: nesterov=True requires a momentum > 0 and zero dampening (as "
+                f"{caller()}: nesterov=True requires a momentum > 0 and zero dampening (as "
                 f"torch.optim.SGD); got momentum={hp['momentum']!r}, "
                 f"dampening={hp['dampening']!r}. Pass e.g. momentum=0.9, dampening=0."
             )

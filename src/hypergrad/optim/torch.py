@@ -7,7 +7,9 @@ from typing import Any
 
 import torch
 
+from hypergrad._boundary import caller, entered
 from hypergrad.optim._base import Optimizer
+from hypergrad.optim._common import is_zero
 from hypergrad.optim.adagrad import adagrad
 from hypergrad.optim.adam import adam, adamw
 from hypergrad.optim.rmsprop import rmsprop
@@ -15,7 +17,6 @@ from hypergrad.optim.sgd import sgd
 
 __all__ = ["from_torch"]
 
-_CALLER = "hg.optim.from_torch"
 # class -> (hyperparameter names, option names); "decoupled_weight_decay" picks adam or adamw.
 _FAMILIES: dict[type, tuple[tuple[str, ...], tuple[str, ...]]] = {
     torch.optim.SGD: (("lr", "momentum", "dampening", "weight_decay"), ("nesterov", "maximize")),
@@ -42,7 +43,7 @@ def _names(torch_optimizer: torch.optim.Optimizer, module_or_names: Any) -> list
         missing = [i for i, p in enumerate(flat) if id(p) not in by_id]
         if missing:
             raise ValueError(
-                f"{_CALLER}: the optimizer's parameter number {missing[0]} (shape "
+                f"{caller()}: the optimizer's parameter number {missing[0]} (shape "
                 f"{tuple(flat[missing[0]].shape)}) is not a parameter of the module; pass the "
                 "module the optimizer was built for, or a list of names."
             )
@@ -50,7 +51,7 @@ def _names(torch_optimizer: torch.optim.Optimizer, module_or_names: Any) -> list
         left = [n for n, p in module_or_names.named_parameters() if id(p) not in in_opt]
         if left:
             raise ValueError(
-                f"{_CALLER}: module parameter {left[0]!r} is not in the optimizer, so the "
+                f"{caller()}: module parameter {left[0]!r} is not in the optimizer, so the "
                 "functional optimizer would not know how to update it. Pass the names of the "
                 "optimized parameters as a list, and step only those (e.g. with "
                 "hg.tree.partition)."
@@ -60,15 +61,15 @@ def _names(torch_optimizer: torch.optim.Optimizer, module_or_names: Any) -> list
         names = [str(n) for n in module_or_names]
         if len(names) != len(flat):
             raise ValueError(
-                f"{_CALLER}: got {len(names)} names for the optimizer's {len(flat)} "
+                f"{caller()}: got {len(names)} names for the optimizer's {len(flat)} "
                 "parameters; give one name per parameter, in the order of its param_groups."
             )
         if len(set(names)) != len(names):
             dup = next(n for n in names if names.count(n) > 1)
-            raise ValueError(f"{_CALLER}: the name {dup!r} is given twice; names must be unique.")
+            raise ValueError(f"{caller()}: the name {dup!r} is given twice; names must be unique.")
     else:
         raise ValueError(
-            f"{_CALLER}: module_or_names must be the nn.Module whose parameters the optimizer "
+            f"{caller()}: module_or_names must be the nn.Module whose parameters the optimizer "
             f"holds, or a list of parameter names; got a {type(module_or_names).__name__}."
         )
     out, i = [], 0
@@ -127,55 +128,66 @@ def from_torch(torch_optimizer: torch.optim.Optimizer, module_or_names: Any, /) 
         >>> opt.name, opt.hyperparams["lr"]
         ('adam', {'weight': 0.1, 'bias': 0.01})
     """
-    cls = type(torch_optimizer)
-    if cls not in _FAMILIES:
-        supported = ", ".join(c.__name__ for c in _FAMILIES)
-        raise ValueError(
-            f"{_CALLER}: unsupported optimizer class {cls.__module__}.{cls.__qualname__}; "
-            f"supported: {supported} (exact classes). Build the functional optimizer directly, "
-            "e.g. hg.optim.adam(...)."
-        )
-    hp_names, option_names = _FAMILIES[cls]
-    groups = torch_optimizer.param_groups
+    with entered("hg.optim.from_torch"):
+        cls = type(torch_optimizer)
+        if cls not in _FAMILIES:
+            supported = ", ".join(c.__name__ for c in _FAMILIES)
+            raise ValueError(
+                f"{caller()}: unsupported optimizer class {cls.__module__}.{cls.__qualname__}; "
+                f"supported: {supported} (exact classes). Build the functional optimizer "
+                "directly, e.g. hg.optim.adam(...)."
+            )
+        hp_names, option_names = _FAMILIES[cls]
+        groups = torch_optimizer.param_groups
+        _check_groups(groups, cls, {*hp_names, *option_names})
+        names = _names(torch_optimizer, module_or_names)
+        options = {}
+        for name in option_names:
+            values = [g[name] for g in groups]
+            if not _same(values):
+                raise ValueError(
+                    f"{caller()}: the option {name!r} differs between param groups ({values}); "
+                    "a functional optimizer has one value. Use one group per optimizer."
+                )
+            options[name] = values[0]
+        hp: dict[str, Any] = {}
+        for name in hp_names:
+            if name == "betas":
+                hp[name] = tuple(_merge([g["betas"][k] for g in groups], names) for k in range(2))
+            else:
+                hp[name] = _merge([g[name] for g in groups], names)
+        return _family(torch_optimizer, hp, options)
+
+
+def _check_groups(groups: list[dict[str, Any]], cls: type, names: set[str]) -> None:
+    """Refuse group entries a functional optimizer cannot honour (``names``: the family's own)."""
     for i, group in enumerate(groups):
         for flag in ("fused", "capturable"):
             if group.get(flag):
                 raise ValueError(
-                    f"{_CALLER}: param_groups[{i}] has {flag}=True, which a functional "
+                    f"{caller()}: param_groups[{i}] has {flag}=True, which a functional "
                     f"optimizer cannot honour; rebuild the torch optimizer with {flag}=False "
                     "(the numerics are the same)."
                 )
-        known = set(hp_names) | set(option_names) | _IGNORED | {"fused", "capturable"}
-        unknown = sorted(set(group) - known)
+        unknown = sorted(set(group) - names - _IGNORED - {"fused", "capturable"})
         if unknown:
             raise ValueError(
-                f"{_CALLER}: param_groups[{i}] has the entry {unknown[0]!r}, which "
+                f"{caller()}: param_groups[{i}] has the entry {unknown[0]!r}, which "
                 f"hg.optim cannot honour for {cls.__name__}; remove it from the group."
             )
-    names = _names(torch_optimizer, module_or_names)
-    options = {}
-    for name in option_names:
-        values = [g[name] for g in groups]
-        if not _same(values):
-            raise ValueError(
-                f"{_CALLER}: the option {name!r} differs between param groups ({values}); "
-                "a functional optimizer has one value. Use one group per optimizer."
-            )
-        options[name] = values[0]
-    hp: dict[str, Any] = {}
-    for name in hp_names:
-        if name == "betas":
-            hp[name] = tuple(_merge([g["betas"][k] for g in groups], names) for k in range(2))
-        else:
-            hp[name] = _merge([g[name] for g in groups], names)
+
+
+def _family(
+    torch_optimizer: torch.optim.Optimizer, hp: dict[str, Any], options: dict[str, Any]
+) -> Optimizer:
+    """The family constructor called with the hyperparameters and options read from the groups."""
+    cls, groups = type(torch_optimizer), torch_optimizer.param_groups
     if cls is torch.optim.SGD:
         momenta = [g["momentum"] for g in groups]
-        if any(
-            isinstance(m, float | int) and m == 0 and g["dampening"] != 0
-            for m, g in zip(momenta, groups)
-        ) and not _same(momenta):
+        damped = any(is_zero(m) and g["dampening"] != 0 for m, g in zip(momenta, groups))
+        if damped and not _same(momenta):
             raise ValueError(
-                f"{_CALLER}: a group without momentum but with dampening != 0 next to a group "
+                f"{caller()}: a group without momentum but with dampening != 0 next to a group "
                 "with momentum cannot be mirrored exactly; set dampening=0 in that group."
             )
         return sgd(**hp, **options)
@@ -185,7 +197,7 @@ def from_torch(torch_optimizer: torch.optim.Optimizer, module_or_names: Any, /) 
         ]
         if not _same(decoupled):
             raise ValueError(
-                f"{_CALLER}: decoupled_weight_decay differs between param groups; use one "
+                f"{caller()}: decoupled_weight_decay differs between param groups; use one "
                 "value for all groups."
             )
         return (adamw if decoupled[0] else adam)(**hp, **options)
