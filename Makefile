@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 PIP     = $(PY) -m pip
 
-.PHONY: demo test test-thorough lint format docs docs-serve bench clean
+.PHONY: demo test test-thorough lint typecheck format docs docs-serve bench clean
 
 $(VENV)/.created:
 	$(PYTHON) -m venv --system-site-packages $(VENV)
@@ -28,6 +28,9 @@ test-thorough: $(VENV)/.installed-test
 lint: $(VENV)/.installed-dev
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+
+typecheck: $(VENV)/.installed-dev
+	$(PY) -m mypy
 
 format: $(VENV)/.installed-dev
 	$(PY) -m ruff check --fix .

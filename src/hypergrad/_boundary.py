@@ -4,7 +4,7 @@ Every public entry point runs its body inside ``entered("hg.hypergrad")`` (once,
 code below it starts an error or a warning with ``caller()`` instead of receiving the name as an
 argument. A nested public call (``hg.testing.check_hypergrad`` calling ``hg.hypergrad``) names
 itself while it runs and restores the outer name afterwards. The lowest layer: it imports
-nothing of hypergrad, so ``tree``, ``nn``, ``optim`` and the engine all use it.
+nothing of hypergrad (torch only), so ``tree``, ``nn``, ``optim`` and the engine all use it.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ import contextvars
 import numbers
 from collections.abc import Iterator
 from typing import Any
+
+import torch
 
 __all__ = ["caller", "entered", "is_number", "positive_int"]
 
@@ -27,14 +29,14 @@ _DELEGATED: contextvars.ContextVar[bool] = contextvars.ContextVar(
 )
 
 
-@contextlib.contextmanager
-def entered(name: str, *, delegating: bool = False) -> Iterator[None]:
+def entered(name: str, *, delegating: bool = False) -> contextlib.AbstractContextManager[None]:
     """Run the body as the public call ``name``.
 
     ``delegating=True`` marks a public function that hands the call on to another public one
     (``hg.clients.hypergrad`` is ``hg.hypergrad`` with ``clients=``): the next ``entered``
     inside keeps this name, so messages name the function the user called; calls nested deeper
-    name themselves again.
+    name themselves again. While ``torch.compile`` traces (an ``hg.tree`` function in a loss, an
+    optimizer step) it does nothing: dynamo cannot trace a ``ContextVar``.
 
     Examples:
         >>> with entered("hg.unroll"):
@@ -46,6 +48,13 @@ def entered(name: str, *, delegating: bool = False) -> Iterator[None]:
         ...     caller()
         'hg.clients.unroll'
     """
+    if torch.compiler.is_compiling():
+        return contextlib.nullcontext()
+    return _entered(name, delegating)
+
+
+@contextlib.contextmanager
+def _entered(name: str, delegating: bool) -> Iterator[None]:
     if _DELEGATED.get() and not delegating:  # the call handed on: keep the caller's name
         token = _DELEGATED.set(False)
         try:

@@ -1,32 +1,16 @@
-"""Reverse mode over many clients, one chunk of clients at a time (``hg.clients`` with chunk_size).
+"""Reverse mode over many clients, one chunk of clients at a time (``chunk_size``).
 
-Within a federated round the clients are independent: client ``c``'s final params depend on its
-own start, data and hyperparameters, and on the shared ``aux``. So the reverse-mode graph of a
-round need not hold every client at once. ``ByChunks`` differentiates in two passes:
-
-1. **Forward, no graph.** Each round runs chunk by chunk; the clients' final params (and
-   buffers) of every round are kept, ``O(R * C * P)``, and aggregated into the next round's
-   start. The outer loss is evaluated on the last aggregate and differentiated with respect to
-   the clients' final params (its cotangent) and ``aux``.
-2. **Backward, chunk by chunk.** From the last round to the first, each chunk's round is run
-   again as a small problem of its own (a ``Problem`` of one round and
-   ``chunk_size`` clients) whose outer loss is the dot product of its final params with their
-   cotangent, and the user's method (any reverse-mode one: ``Method.reverse_mode``, restricted
-   to the round with ``Method.restricted``) differentiates it. That yields the chunk's share of the gradient with
-   respect to ``aux`` and the hyperparameters, and the cotangent of the round's start, which
-   flows back through the aggregation into the previous round's final params.
-
-Memory is the graph of one chunk's round, ``O(chunk_size * K * A)``, plus the kept params: it no
-longer grows with C beyond the params themselves. Time is one more forward pass of the clients,
-and the vectorised calls are smaller (2.0-2.4x the unchunked time for 128 clients in chunks of
-32 in ``benchmarks/clients.py``). Each chunk draws its own random numbers: step ``k`` (counted
-over all rounds) of chunk ``j`` runs with seed
-``seed + k + j * (R * K + 1)`` under ``randomness="different"`` (so clients in different chunks
-do not share noise), and ``seed + k`` otherwise; both passes see the same numbers.
-
-Buffers are carried through the rounds as values, not differentiated: a buffer that depends
-differentiably on the params (a moving average of the weights, say) raises an error naming the
-fix. BatchNorm's running statistics never do.
+Within a federated round the clients are independent, so the reverse-mode graph of a round need
+not hold every client at once. ``ByChunks`` runs the clients forward without a graph, keeping
+every round's final params (``O(R * C * P)``); takes the outer loss's cotangent on the last
+round's finals; then, from the last round to the first, runs each chunk's round again as a
+problem of its own whose outer loss is its final params dotted with their cotangent, and lets
+the user's method (any ``Method.reverse_mode`` one, restricted to the round with
+``Method.restricted``) differentiate it. Memory is one chunk's graph, ``O(chunk_size * K * A)``,
+plus the kept params; time, one more forward pass. Under ``randomness="different"`` step ``k``
+of chunk ``j`` runs with seed ``seed + k + j * (R * K + 1)``, so chunks draw their own numbers.
+Buffers are carried between rounds as values: one that depends differentiably on the params
+raises an error naming the fix.
 """
 
 from __future__ import annotations
@@ -89,7 +73,7 @@ def join(parts: list[PyTree], dims: Any) -> PyTree:
     columns = zip(
         *(optree.tree_leaves(p, none_is_leaf=True, namespace=_tree._NAMESPACE) for p in parts)
     )
-    out = []
+    out: list[torch.Tensor | None] = []
     for column, d in zip(columns, ds):
         if column[0] is None:
             out.append(None)

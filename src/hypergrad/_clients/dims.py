@@ -116,4 +116,5 @@ def count_clients(
                 f"{first_where} has {clients} clients but {where} has {got}. Stack it per "
                 "client, or say it is shared with in_dims (e.g. in_dims={'hyperparams': None})."
             )
+    assert clients is not None  # every size was checked against it above
     return int(clients)

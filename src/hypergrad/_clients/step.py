@@ -30,8 +30,7 @@ class StackedOptimizer:
     A built-in (elementwise) optimizer with shared scalar hyperparameters, whose clients all
     stand at the same step count, is applied to the stacked trees directly, as to one model
     C times larger: the same numbers as vmapping it per client, without vmap's per-call
-    wrapping or a per-client concatenation of the leaves each step (about a third of a
-    reverse-mode hypergradient's time at C=128 in ``benchmarks/clients.py``). Anything else
+    wrapping or a per-client concatenation of the leaves each step. Anything else
     (per-client or per-leaf hyperparameters, other optimizers, clients at different steps,
     inside a torch.func transform) is vmapped over the clients.
     """

@@ -53,7 +53,7 @@ class Batches:
                     f"got leading sizes {sorted(str(s) for s in sizes)}. Pass tensors shaped "
                     "(K, ...), a list of batches, or a function batch_fn(k)."
                 )
-            available = sizes.pop()
+            available: int = sizes.pop()  # type: ignore[assignment]  # None was refused above
             steps = available if steps is None else steps
             if steps > available:
                 raise ValueError(
@@ -85,6 +85,7 @@ class Batches:
                 f"step dimension, an iterable of batches, or a function batch_fn(k); got "
                 f"{type(batches).__name__}."
             )
+        assert steps is not None  # every branch above set it or raised
         self.steps: int = steps
 
     def at(self, k: int) -> Any:

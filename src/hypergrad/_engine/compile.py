@@ -1,81 +1,11 @@
 """The compiled fast path: ``torch.compile``-d steps, several steps per graph, eager fallback.
 
-This module sits at the level of the engine's loop (it imports nothing above
-``hypergrad.optim``): it wraps any step function ``step(params, state, buffers, aux,
-hyperparams, batch)`` (the engine's, or a ``torch.func.vmap``-ed one from ``hypergrad.clients``)
-and hands back a step with the same signature, plus a *multi-step* that runs several steps as
-one compiled graph, so the loop and the methods run unchanged.
-
-What is compiled, and how
--------------------------
-
-The whole step (inner loss, inner gradient by ``torch.func.grad_and_value``, optimizer update)
-is one graph: ``torch.compile(step, fullgraph=True, dynamic=False,
-options={"fallback_random": True})``; and so is a run of S consecutive steps (the loop over
-their S batches is unrolled into one graph), which the engine's ``run_steps`` calls
-once per S steps. A compiled call costs a fixed overhead (guards, the autograd wrapper, one
-backward node) that is about as large as a small model's step on a CPU; S steps per graph pay
-it once, and let inductor fuse the optimizer update of one step with the next step's forward.
-S is ``Compile.steps_per_graph``; by default (``None``) ``steps_per_graph`` chooses
-it from the number of steps K: K itself up to 6, else the S in 4..6 that leaves the fewest
-steps over (K=20: 5, K=16: 4, K=12: 6, K=11: 5), so one graph serves every chunk and the
-remaining steps run one per graph. The compile time grows with S (each step adds kernels), the
-time per step falls; ``hg.Compile(steps_per_graph=1)`` compiles one step per graph.
-
-- ``fullgraph=True``: a graph break (an unsupported op, ``.item()``, printing inside the loss)
-  surfaces at the first call, where we can fall back, instead of silently splitting the step
-  into slow pieces.
-- ``dynamic=False``: shapes are specialised (fastest kernels); a new shape compiles once more.
-- ``fallback_random=True``: random ops (dropout) call ATen's generators, so compiled and eager
-  steps draw the same numbers under the engine's per-step seeding (``"checkpointed"``
-  recomputes the same masks, and results equal eager ones).
-- default mode (not ``"reduce-overhead"``): CUDA graphs would overwrite the outputs of step k at
-  step k+1, while the unroll keeps every step's outputs for the backward pass.
-
-Random numbers: the engine seeds every step (``seed + k``), which cannot happen inside one
-graph. A multi-step call therefore checks that the generators did not move; if the steps drew
-random numbers (dropout), it discards the result, the steps run one per graph with their seeds,
-and this compiled step never runs several steps per graph again.
-
-Requires-grad flags: dynamo specialises a graph on which inputs require grad, and the carry of
-the first step (fresh params, a zero optimizer state) requires grad where the later ones do
-not. Before each compiled call the floating-point leaves of the params and the optimizer state
-are made to require grad exactly when a graph is being recorded (grad mode on and something
-requires grad): a no-op for the numbers (a leaf that did not require grad has no graph to cut),
-and the first step uses the same graph as the others. Buffers are left as they are (torch
-refuses BatchNorm running statistics that require grad).
-
-The outer ``torch.autograd.grad`` differentiates through the compiled steps' backward (a
-first-order backward of a graph that contains the inner gradient), so ``"reverse"``,
-``Truncated``, ``Checkpointed`` and ``"first_order"`` run compiled.
-
-Caching: a compiled step is kept (a small LRU of ``CACHE_SIZE`` entries) under a key built
-by ``step_key`` from the inner loss (by identity), the optimizer's family, update function
-and static options, and the step's static switches, plus the dtypes and devices of the params
-(read at the first step of each call). Hyperparameter *values* are not in the key: they are
-inputs of the step. Repeated ``hg.hypergrad`` calls with the same ``inner_loss`` and optimizer
-family therefore reuse the compiled graphs: no recompilation while shapes, grad mode and which
-inputs require grad stay the same. Each entry holds one graph per such variant and per number
-of steps, each with a code object of its own, so dynamo's
-``torch._dynamo.config.recompile_limit`` (8) counts per entry and length; past it the step
-falls back (see below) with advice. A *float* hyperparameter is a compile-time constant
-(the optimizers branch on it, e.g. skip a zero weight decay), so a float that changes between
-calls compiles new variants; vary a hyperparameter as a 0-d tensor (``hyperparams={"lr":
-torch.tensor(0.05)}``, or name it in ``wrt``, which makes it one) and nothing recompiles.
-
-Fallback: the step runs eagerly, with ONE ``CompileFallbackWarning`` per public call naming
-the cause, when compilation fails (a graph break, an unsupported op, the recompile limit), and
-when the step is called inside a ``torch.func`` transform (``method="forward"``, or a user's
-``torch.func.grad`` over ``hg.unroll``): PyTorch cannot apply ``torch.func.jvp``/``vmap``/
-``grad`` to a compiled function (pytorch/pytorch#128711). ``compile="strict"`` raises
-``CompileError`` instead. If the eager step fails too, its error (the user's) is raised.
-A multi-step graph that fails to compile where one step compiles falls back to one step per
-graph, silently (compiled, same numbers).
-
-Limitation: the backward of a compiled region runs once: ``retain_graph=True`` or
-``create_graph=True`` (a double backward) through a compiled unroll raises torch's error at
-backward time, where no fallback is possible; use ``compile=False`` for higher-order
-derivatives of a trajectory.
+It wraps any step function ``step(params, state, buffers, aux, hyperparams, batch)`` (the
+engine's, or the clients' vmapped one) and hands back a step with the same signature plus a
+*multi-step* that runs several steps as one compiled graph (``several``), so the loop and the
+methods run unchanged. It imports nothing above ``hypergrad.optim``. How it works (graphs,
+random numbers, requires-grad flags, caching, fallback) is on the Architecture page of the
+docs; when it pays, in Sharp bits.
 """
 
 from __future__ import annotations
@@ -311,7 +241,7 @@ def _with_own_code(fn: Callable[..., Any], name: str) -> Callable[..., Any]:
     engine step shares the code of one nested function, so each entry (and each chunk length)
     gets a fresh code object.
     """
-    renames = {"co_name": name}
+    renames: dict[str, Any] = {"co_name": name}
     if sys.version_info >= (3, 11):  # code objects have a qualified name from Python 3.11
         renames["co_qualname"] = name
     code = fn.__code__.replace(**renames)

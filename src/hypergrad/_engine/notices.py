@@ -1,7 +1,7 @@
 """Which warnings reach a user through hypergrad: ours, never a dependency's notes about itself.
 
 torch's internals warn about torch's own deprecations (``torch.jit.script`` on the first
-``torch.func.jvp``, a ``DeprecationWarning`` in torch 2.13 and a ``FutureWarning`` from 2.14)
+``torch.func.jvp``: a ``DeprecationWarning`` or, in newer releases, a ``FutureWarning``)
 and dynamo warns that guards run slower on Python 3.13.0. Neither is about the user's code, and
 under an ``error`` filter (``-W error``, pytest's ``filterwarnings``) the second would turn a
 ``compile=True`` call into an eager fallback. The library runs torch's transforms and compiler

@@ -54,9 +54,10 @@ def leaf_inputs(problem: Problem) -> Inputs:
     The caller's tensors are never touched: ``detach()`` makes a new tensor object that shares
     memory, and nothing here writes to it.
     """
-    paths, flat, spec = optree.tree_flatten_with_path(problem.inputs(), namespace=_tree._NAMESPACE)
-    leaves = [x.detach().requires_grad_() for x in flat]
-    trees = optree.tree_unflatten(spec, leaves)
+    inputs: PyTree = problem.inputs()
+    paths, flat, spec = optree.tree_flatten_with_path(inputs, namespace=_tree._NAMESPACE)
+    leaves: list[torch.Tensor] = [x.detach().requires_grad_() for x in flat]
+    trees: dict[str, PyTree] = optree.tree_unflatten(spec, leaves)  # type: ignore[assignment]
     return Inputs(trees, leaves, [_tree.keystr(p) for p in paths], spec)
 
 

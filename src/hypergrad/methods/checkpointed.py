@@ -29,10 +29,16 @@ def _add(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
 _Positions = tuple[list[int], list[int]]
 
 
+def _no_positions() -> _Positions:
+    return [], []
+
+
 def _open(carry: Carry, with_buffers: bool) -> tuple[Carry, list[torch.Tensor], _Positions]:
     """Fresh grad-requiring leaves for the float leaves of params and state (and buffers)."""
     (params, state), pos_ps, leaves_ps = fresh_leaves((carry.params, carry.state))
-    buffers, pos_b, leaves_b = carry.buffers, [], []
+    buffers = carry.buffers
+    pos_b: list[int] = []
+    leaves_b: list[torch.Tensor] = []
     if with_buffers:
         buffers, pos_b, leaves_b = fresh_leaves(carry.buffers)
     return Carry(params, state, buffers), leaves_ps + leaves_b, (pos_ps, pos_b)
@@ -100,17 +106,18 @@ class Checkpointed(Method):
 
         acc: list[torch.Tensor | None] = [None] * len(inputs.leaves)
         cotangent: list[torch.Tensor | None] | None = None
-        positions: _Positions = ([], [])  # where the cotangent's leaves sit in the carry
+        positions = _no_positions()  # where the cotangent's leaves sit in the carry
         value = torch.zeros(())
         # Buffers are differentiated only if the step makes them a differentiable function of
         # the carry (a functional moving average); BatchNorm's running statistics are not, and
         # torch refuses running statistics that require grad. The last segment tells.
         diff_buffers = False
+        c_leaves: list[torch.Tensor]
         i = len(starts) - 1
         while i >= 0:
             s, e = starts[i], min(starts[i] + S, K)
             if i == 0:
-                c_in, c_leaves, positions_in = carry0, [], ([], [])
+                c_in, c_leaves, positions_in = carry0, [], _no_positions()
             else:
                 c_in, c_leaves, positions_in = _open(stored[i], diff_buffers)
             with torch.enable_grad():

@@ -16,7 +16,7 @@ from hypergrad.methods.forward_safe import REPLACED, forward_safe_losses
 __all__ = ["Forward"]
 
 # torch's forward-mode rule of some double-backward ops writes into the tangent of an input that
-# has none (an immutable "ZeroTensor"; pytorch/pytorch#123996, unfixed in torch 2.14), and some
+# has none (an immutable "ZeroTensor"; pytorch/pytorch#123996), and some
 # have no forward-mode rule at all. The torch.nn.functional losses among them are rewritten with
 # elementary ops during the jvp (hypergrad._forward_safe); these explain any other op.
 _ZERO_TENSOR_BUG = "ZeroTensors are immutable"
@@ -149,7 +149,7 @@ class Forward(Method):
             return MethodResult(value.detach(), dict(inputs), losses.detach(), ())
 
         chunk = self.chunk_size or size
-        parts, value, losses = [], None, None
+        parts: list[torch.Tensor] = []
         with torch.no_grad():
             for lo in range(0, size, chunk):
                 hi = min(lo + chunk, size)
@@ -160,7 +160,7 @@ class Forward(Method):
                 parts.append(tangents)
                 value, losses = values[0], step_losses[0]
         grads = unravel(torch.cat(parts))
-        return MethodResult(value, dict(grads), losses, ())
+        return MethodResult(value, dict(grads), losses, ())  # the last chunk's: all are equal
 
     def __repr__(self) -> str:
         return '"forward"' if self.chunk_size is None else f"hg.Forward({self.chunk_size})"

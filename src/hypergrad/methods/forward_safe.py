@@ -2,9 +2,9 @@
 
 ``method="forward"`` takes a ``torch.func.jvp`` of steps whose inner gradient is a
 ``torch.func.grad``: the jvp needs a forward-mode rule for every op of the inner loss's
-*backward*. torch lacks or breaks three of the ``torch.nn.functional`` losses there (measured on
-torch 2.13 and 2.14 over every loss of ``torch.nn.functional``, every reduction, both argument
-orders, the target captured in a closure or passed in the batch):
+*backward*. torch lacks or breaks three of the ``torch.nn.functional`` losses there (the sweep
+in ``tests/test_forward_losses.py`` covers every loss of ``torch.nn.functional``, every
+reduction, both argument orders, the target captured in a closure or passed in the batch):
 
 - ``F.mse_loss``, ``reduction="mean"``: the rule of ``mse_loss_backward`` divides a multiple of
   the target's tangent in place; for a target without a tangent that is an immutable

@@ -21,7 +21,6 @@ import torch
 
 from hypergrad._boundary import caller, entered
 from hypergrad.tree import PyTree
-from hypergrad.tree._base import public_call
 
 __all__ = ["Optimizer"]
 
@@ -80,7 +79,7 @@ class Optimizer:
             >>> type(state).__name__, state.step
             ('AdamState', tensor(0.))
         """
-        with public_call(f"hg.optim.{self.name}.init"):
+        with entered(f"hg.optim.{self.name}.init"):
             return self.init_fn(params, self._merge(hyperparams), self.options)
 
     def _merge(self, hyperparams: Mapping[str, Any] | None) -> Mapping[str, Any]:
@@ -161,7 +160,7 @@ class Optimizer:
             >>> new["w"]
             tensor([0.5000, 1.5000])
         """
-        with public_call(f"hg.optim.{self.name}.step"):
+        with entered(f"hg.optim.{self.name}.step"):
             hp = self._merge(hyperparams)
             return self.update_fn(params, grads, state, hp, self.options)
 

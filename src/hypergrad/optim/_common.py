@@ -19,7 +19,7 @@ import torch
 
 from hypergrad._boundary import caller, entered, is_number
 from hypergrad.tree import _NAMESPACE, PyTree, keystr
-from hypergrad.tree._base import describe_difference
+from hypergrad.tree._base import describe_difference, same_structure
 
 Scalar = float | torch.Tensor
 #: A hyperparameter: a number, a 0-d tensor, a per-parameter dict or a per-element tensor.
@@ -151,7 +151,7 @@ def resolve(
                 )
         return [value] * len(shapes)
     if isinstance(value, Mapping):
-        if optree.tree_structure(value, namespace=_NAMESPACE) != spec:
+        if not same_structure(value, optree.tree_unflatten(spec, [0] * len(paths))):
             _explain_dict_mismatch(name, value, paths)
         out = optree.tree_leaves(value, namespace=_NAMESPACE)
         for path, shape, item in zip(paths, shapes, out):
@@ -343,16 +343,16 @@ def flat_update(
     is used as is instead of concatenating the leaves again.
     """
     p_leaves, spec = optree.tree_flatten(params, namespace=_NAMESPACE)
-    g_leaves, g_spec = optree.tree_flatten(grads, namespace=_NAMESPACE)
-    if g_spec != spec:
+    g_leaves = optree.tree_leaves(grads, namespace=_NAMESPACE)
+    if not same_structure(grads, params):
         _explain("grads", params, grads)
     b_leaves: dict[str, list[torch.Tensor] | None] = {}
     for name, tree in buffers.items():
         if tree is None:
             b_leaves[name] = None
             continue
-        leaves, b_spec = optree.tree_flatten(tree, namespace=_NAMESPACE)
-        if b_spec != spec:
+        leaves = optree.tree_leaves(tree, namespace=_NAMESPACE)
+        if not same_structure(tree, params):
             _explain(f"state.{name}", params, tree)
         b_leaves[name] = leaves
     shapes = [p.shape for p in p_leaves]

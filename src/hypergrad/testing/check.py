@@ -19,9 +19,10 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from hypergrad import tree as _tree
+from hypergrad._boundary import caller, entered
 from hypergrad._engine.batches import Batches
 from hypergrad._engine.problem import outer_fn
-from hypergrad._engine.randomness import seeded
+from hypergrad._engine.randomness import rng_devices, seeded
 from hypergrad.hypergradient import Hypergradient, hypergrad, map_hyper
 from hypergrad.methods import Method
 from hypergrad.optim._base import Optimizer
@@ -188,8 +189,8 @@ def _input_sides(name: str, args: tuple, kwargs: dict) -> list[torch.Tensor] | N
         return [_side(x)]
     if name in _BOUNDS:
         (lo_at, lo_kw), (hi_at, hi_kw), defaults = _BOUNDS[name]
-        bounds = (_arg(args, kwargs, lo_at, lo_kw), _arg(args, kwargs, hi_at, hi_kw))
-        bounds = tuple(d if b is None else b for b, d in zip(bounds, defaults))
+        given = (_arg(args, kwargs, lo_at, lo_kw), _arg(args, kwargs, hi_at, hi_kw))
+        bounds = [d if b is None else b for b, d in zip(given, defaults)]
         return [_side(x, b) for b in bounds if b is not None]
     return None
 
@@ -489,58 +490,85 @@ def check_hypergrad(
         >>> report.passed, len(report.directions)
         (True, 3)
     """
-    caller = "hg.testing.check_hypergrad"
-    if directions < 1:
-        raise ValueError(f"{caller}: directions must be >= 1, got {directions}.")
-    params, aux, buffers = _double(params), _double(aux), _double(buffers)
-    outer_batch = _double(outer_batch)
-    outer = outer_fn(outer_loss, outer_batch, buffers is not None)
-    batch_fn, steps = _double_batches(batches, steps)
-    hp = {k: map_hyper(_double_leaf, v) for k, v in opt.hyperparams.items()}
-    opt = dataclasses.replace(opt, hyperparams=hp)
-    common = {"aux": aux, "buffers": buffers, "steps": steps, "seed": seed}
-    g = hypergrad(
-        outer_loss, inner_loss, params, opt, batch_fn, outer_batch,
-        method=method, wrt=wrt, **common,
-    )  # fmt: skip
-    asked = {k: v for k, v in g._asdict().items() if k != "value" and v is not None}
-    flat_g, _unravel = _tree.ravel(asked)
+    with entered("hg.testing.check_hypergrad"):
+        if directions < 1:
+            raise ValueError(f"{caller()}: directions must be >= 1, got {directions}.")
+        params, aux, buffers = _double(params), _double(aux), _double(buffers)
+        outer_batch = _double(outer_batch)
+        batch_fn, steps = _double_batches(batches, steps)
+        hp = {k: map_hyper(_double_leaf, v) for k, v in opt.hyperparams.items()}
+        opt = dataclasses.replace(opt, hyperparams=hp)
+        common = {"aux": aux, "buffers": buffers, "steps": steps, "seed": seed}
+        g = hypergrad(
+            outer_loss, inner_loss, params, opt, batch_fn, outer_batch,
+            method=method, wrt=wrt, **common,
+        )  # fmt: skip
+        asked = {k: v for k, v in g._asdict().items() if k != "value" and v is not None}
 
-    def f(x: dict[str, PyTree]) -> float:
-        hyper = {**hp, **x.get("hyperparams", {})}
-        traj = unroll(
-            inner_loss,
-            x.get("params", params),
-            opt,
-            batch_fn,
-            aux=x.get("aux", aux),
-            buffers=buffers,
-            steps=steps,
-            hyperparams=hyper,
-            seed=seed,
-            check_finite=False,
+        def f(x: dict[str, PyTree]) -> float:  # the outer loss after the unroll, at x
+            hyper = {**hp, **x.get("hyperparams", {})}
+            x_aux = x.get("aux", aux)
+            traj = unroll(inner_loss, x.get("params", params), opt, batch_fn, hyperparams=hyper,
+                          check_finite=False, **{**common, "aux": x_aux})  # fmt: skip
+            outer = outer_fn(outer_loss, outer_batch, buffers is not None)
+            with seeded(seed + steps, rng_devices(params)):  # as Problem.value
+                return float(outer(traj.params, traj.buffers, x_aux))
+
+        origin = _origin(asked, {"aux": aux, "hyperparams": hp, "params": params})
+        checks = _check_directions(f, origin, asked, directions, eps, seed, kink_aware)
+        report = HypergradCheck(
+            method=repr(method),
+            wrt=(wrt,) if isinstance(wrt, str) else tuple(wrt),
+            directions=tuple(checks),
+            rtol=rtol,
+            atol=atol,
+            hypergradient=g,
         )
-        with seeded(seed + steps):  # as Problem.value
-            return float(outer(traj.params, traj.buffers, x.get("aux", aux)))
+        if raise_on_failure and not report.passed:
+            raise AssertionError(
+                f"{caller()}: the hypergradient disagrees with finite differences.\n{report}"
+            )
+        return report
 
+
+def _origin(asked: dict[str, PyTree], inputs: dict[str, PyTree]) -> dict[str, PyTree]:
+    """The point the directions start from: the inputs that were differentiated (float64)."""
     origin: dict[str, PyTree] = {}
     if "aux" in asked:
-        origin["aux"] = aux
+        origin["aux"] = inputs["aux"]
     if "hyperparams" in asked:
+        device = _tree.leaves(inputs["params"])[0].device
         origin["hyperparams"] = {
-            k: map_hyper(lambda v: torch.as_tensor(v, dtype=torch.float64), hp[k])
+            k: map_hyper(
+                lambda v: torch.as_tensor(v, dtype=torch.float64, device=device),
+                inputs["hyperparams"][k],
+            )
             for k in asked["hyperparams"]
         }
     if "params" in asked:
-        origin["params"] = params
+        origin["params"] = inputs["params"]
+    return origin
+
+
+def _check_directions(
+    f: Callable[[Any], float],
+    origin: dict[str, PyTree],
+    asked: dict[str, PyTree],
+    directions: int,
+    eps: float,
+    seed: int,
+    kink_aware: bool,
+) -> list[DirectionCheck]:
+    """Each random unit direction: ``<g, v>`` against the finite difference of ``f`` along it."""
+    flat_g, _ = _tree.ravel(asked)
     flat_x, unravel_x = _tree.ravel(origin)
     evaluate = _evaluator(f, kink_aware)
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)  # on the CPU: the same directions on any device
     checks = []
     with torch.no_grad():
         at_origin = evaluate(unravel_x(flat_x)) if kink_aware else None
         for _ in range(directions):
-            v = torch.randn(flat_x.shape, generator=gen, dtype=torch.float64)
+            v = torch.randn(flat_x.shape, generator=gen, dtype=torch.float64).to(flat_x.device)
             v = v / v.norm()
 
             def point(t: float, v: torch.Tensor = v) -> _Point:
@@ -548,16 +576,4 @@ def check_hypergrad(
 
             numeric, formula = _directional(point, eps, at_origin)
             checks.append(DirectionCheck(float(flat_g @ v), numeric, formula))
-    report = HypergradCheck(
-        method=repr(method),
-        wrt=(wrt,) if isinstance(wrt, str) else tuple(wrt),
-        directions=tuple(checks),
-        rtol=rtol,
-        atol=atol,
-        hypergradient=g,
-    )
-    if raise_on_failure and not report.passed:
-        raise AssertionError(
-            f"{caller}: the hypergradient disagrees with finite differences.\n{report}"
-        )
-    return report
+    return checks

@@ -152,7 +152,7 @@ def optimizers(draw: st.DrawFn, families: Sequence[str] = FAMILIES) -> Optimizer
         >>> test_family()
     """
     family = draw(st.sampled_from(list(families)))
-    hp = {
+    hp: dict[str, Any] = {
         k: draw(st.floats(lo, hi, allow_nan=False, allow_infinity=False))
         for k, (lo, hi) in _ranges(family).items()
     }

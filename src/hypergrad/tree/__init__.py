@@ -32,7 +32,7 @@ from typing import Any
 import optree
 import torch
 
-from hypergrad._boundary import caller
+from hypergrad._boundary import caller, entered
 from hypergrad.tree._base import (
     _NAMESPACE,
     PyTree,
@@ -40,7 +40,6 @@ from hypergrad.tree._base import (
     key_paths,
     keystr,
     leaves,
-    public_call,
 )
 from hypergrad.tree._select import (
     Pattern,
@@ -108,7 +107,7 @@ def map(
         {'w': tensor(6.)}
     """
     if rest and is_leaf is None:
-        with public_call("hg.tree.map"):
+        with entered("hg.tree.map"):
             check_same_structure([tree, *rest])
     return optree.tree_map(fn, tree, *rest, is_leaf=is_leaf, namespace=_NAMESPACE)
 
@@ -135,7 +134,7 @@ def add(a: PyTree, b: PyTree, /) -> PyTree:
         >>> add({"w": torch.tensor(1.0)}, {"w": torch.tensor(2.0)})
         {'w': tensor(3.)}
     """
-    with public_call("hg.tree.add"):
+    with entered("hg.tree.add"):
         return _map2(torch.add, a, b)
 
 
@@ -146,7 +145,7 @@ def sub(a: PyTree, b: PyTree, /) -> PyTree:
         >>> sub({"w": torch.tensor(1.0)}, {"w": torch.tensor(2.0)})
         {'w': tensor(-1.)}
     """
-    with public_call("hg.tree.sub"):
+    with entered("hg.tree.sub"):
         return _map2(torch.sub, a, b)
 
 
@@ -167,7 +166,7 @@ def vdot(a: PyTree, b: PyTree, /) -> torch.Tensor:
         >>> vdot({"w": torch.tensor([1.0, 2.0])}, {"w": torch.tensor([3.0, 4.0])})
         tensor(11.)
     """
-    with public_call("hg.tree.vdot"):
+    with entered("hg.tree.vdot"):
         check_same_structure([a, b])
     la, lb = leaves(a), leaves(b)
     if not la:
@@ -306,7 +305,7 @@ def lerp(a: PyTree, b: PyTree, weight: float | torch.Tensor, /) -> PyTree:
         >>> lerp(a, b, torch.tensor(1.0))["w"]
         tensor([4., 6.])
     """
-    with public_call("hg.tree.lerp"):
+    with entered("hg.tree.lerp"):
         return _map2(lambda x, y: torch.lerp(x, y, _as_weight(weight, x)), a, b)
 
 
@@ -392,7 +391,7 @@ def mean(
         n = len(trees)
         if n == 0:
             raise ValueError("hg.tree.mean: got an empty list of trees; pass at least one tree.")
-        with public_call("hg.tree.mean"):
+        with entered("hg.tree.mean"):
             check_same_structure(list(trees))
     w = _normalised(weights, n)
 
@@ -465,7 +464,7 @@ def norm(tree: PyTree, /, ord: float = 2, *, per_leaf: bool = False) -> PyTree:
         >>> norm(t, per_leaf=True)
         {'a': tensor(3.), 'b': tensor(4.)}
     """
-    with public_call("hg.tree.norm"):
+    with entered("hg.tree.norm"):
         o = _check_ord(ord)
         paths, flat, spec = optree.tree_flatten_with_path(tree, namespace=_NAMESPACE)
         per = [_leaf_norm(x, o, p) for p, x in zip(paths, flat)]
@@ -488,7 +487,7 @@ def distance(a: PyTree, b: PyTree, /, ord: float = 2) -> torch.Tensor:
         >>> distance({"w": torch.tensor([1.0, 1.0])}, {"w": torch.tensor([4.0, 5.0])})
         tensor(5.)
     """
-    with public_call("hg.tree.distance"):
+    with entered("hg.tree.distance"):
         _check_ord(ord)
         difference = _map2(torch.sub, a, b)
     return norm(difference, ord)
@@ -505,6 +504,6 @@ def cosine(a: PyTree, b: PyTree, /, *, eps: float = 1e-12) -> torch.Tensor:
         >>> round(cosine(a, b).item(), 4)
         0.7071
     """
-    with public_call("hg.tree.cosine"):
+    with entered("hg.tree.cosine"):
         check_same_structure([a, b])
     return vdot(a, b) / (norm(a).clamp_min(eps) * norm(b).clamp_min(eps))

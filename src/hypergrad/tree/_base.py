@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 from typing import Any
 
 import optree
 import torch
 
-from hypergrad._boundary import caller, entered
+from hypergrad._boundary import caller
 
 PyTree = Any
 
@@ -18,19 +17,23 @@ PyTree = Any
 _NAMESPACE = "hypergrad"
 
 
-def public_call(name: str) -> contextlib.AbstractContextManager[Any]:
-    """``entered(name)`` (``hypergrad._boundary``), or nothing while torch.compile traces.
+def same_structure(a: PyTree, b: PyTree) -> bool:
+    """Whether two trees have the same structure (keys, nesting, container types).
 
-    For public calls that also run inside compiled code (an ``hg.tree`` function in a loss, an
-    optimizer step): dynamo cannot trace a ``ContextVar``, and an error stops its trace anyway.
+    Under ``torch.compile`` it compares the leaves' key paths instead: dynamo before torch 2.13
+    cannot compare two tree specs.
 
     Examples:
-        >>> from hypergrad._boundary import caller
-        >>> with public_call("hg.tree.add"):
-        ...     caller()
-        'hg.tree.add'
+        >>> same_structure({"w": 1, "b": 2}, {"b": 0, "w": 0}), same_structure({"w": 1}, {"v": 1})
+        (True, False)
     """
-    return contextlib.nullcontext() if torch.compiler.is_compiling() else entered(name)
+    if torch.compiler.is_compiling():
+        return optree.tree_paths(a, namespace=_NAMESPACE) == optree.tree_paths(
+            b, namespace=_NAMESPACE
+        )
+    return optree.tree_structure(a, namespace=_NAMESPACE) == optree.tree_structure(
+        b, namespace=_NAMESPACE
+    )
 
 
 def keystr(path: Sequence[Any]) -> str:
@@ -111,9 +114,8 @@ def check_same_structure(trees: Sequence[PyTree]) -> None:
     """
     if len(trees) < 2:
         return
-    spec0 = optree.tree_structure(trees[0], namespace=_NAMESPACE)
     for i, t in enumerate(trees[1:], start=1):
-        if optree.tree_structure(t, namespace=_NAMESPACE) != spec0:
+        if not same_structure(trees[0], t):
             which = "the second tree" if i == 1 else f"tree number {i + 1}"
             raise ValueError(
                 f"{caller()}: the trees have different structure: "

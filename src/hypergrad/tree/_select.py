@@ -10,8 +10,8 @@ from typing import Any, Union
 
 import optree
 
-from hypergrad._boundary import caller
-from hypergrad.tree._base import _NAMESPACE, PyTree, keystr, public_call
+from hypergrad._boundary import caller, entered
+from hypergrad.tree._base import _NAMESPACE, PyTree, keystr
 
 #: What [`select`][hypergrad.tree.select] and [`partition`][hypergrad.tree.partition] accept: a glob
 #: string, a compiled regex, a predicate ``fn(dotted_path, leaf) -> bool``, or a list of these (a
@@ -136,7 +136,7 @@ def partition(tree: PyTree, pattern: Pattern, /) -> tuple[PyTree, PyTree]:
         >>> list(partition(params, all_but_last_layer(params))[0])
         ['fc1.weight', 'fc1.bias']
     """
-    with public_call("hg.tree.partition"):
+    with entered("hg.tree.partition"):
         match = _compile_pattern(pattern)
     accessors, flat, spec = optree.tree_flatten_with_accessor(tree, namespace=_NAMESPACE)
     names = [_dotted([_entry_name(e) for e in a]) for a in accessors]
