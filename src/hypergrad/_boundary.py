@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+from typing_extensions import TypeIs
 
 __all__ = ["caller", "entered", "is_number", "positive_int"]
 
@@ -75,7 +76,7 @@ def caller() -> str:
     return _CALLER.get()
 
 
-def is_number(value: Any) -> bool:
+def is_number(value: Any) -> TypeIs[float]:
     """A real Python number that is not a bool (``True`` is not a learning rate).
 
     Examples:

@@ -326,4 +326,5 @@ def unstack(tree: _tree.PyTree, /) -> list[_tree.PyTree]:
         )
     pieces = [torch.unbind(x) for x in flat]
     spec = optree.tree_structure(tree, namespace=_tree._NAMESPACE)
-    return [optree.tree_unflatten(spec, [p[i] for p in pieces]) for i in range(sizes[0])]
+    count = len(pieces[0])  # every leaf has this leading size (checked above)
+    return [optree.tree_unflatten(spec, [p[i] for p in pieces]) for i in range(count)]

@@ -58,7 +58,7 @@ class Optimizer:
     name: str
     hyperparams: Mapping[str, Any]
     options: Mapping[str, Any]
-    init_fn: Callable[[PyTree, Mapping[str, Any]], PyTree]
+    init_fn: Callable[[PyTree, Mapping[str, Any], Mapping[str, Any]], PyTree]
     update_fn: Callable[..., tuple[PyTree, PyTree]]
     check_fn: Callable[[Mapping[str, Any], Mapping[str, Any]], None] | None = dataclasses.field(
         default=None, repr=False, compare=False

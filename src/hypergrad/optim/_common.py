@@ -24,7 +24,7 @@ from hypergrad.tree._base import describe_difference, same_structure
 Scalar = float | torch.Tensor
 #: A hyperparameter: a number, a 0-d tensor, a per-parameter dict or a per-element tensor.
 Hyper = float | torch.Tensor | Mapping[str, Any]
-Buffers = dict[str, torch.Tensor | None]
+Buffers = dict[str, Any]  # a tensor per buffer, None where the options turn it off
 
 
 def is_zero(x: Any) -> bool:
@@ -153,7 +153,8 @@ def resolve(
     if isinstance(value, Mapping):
         if not same_structure(value, optree.tree_unflatten(spec, [0] * len(paths))):
             _explain_dict_mismatch(name, value, paths)
-        out = optree.tree_leaves(value, namespace=_NAMESPACE)
+        tree: PyTree = value
+        out: list[Any] = optree.tree_leaves(tree, namespace=_NAMESPACE)
         for path, shape, item in zip(paths, shapes, out):
             if isinstance(item, torch.Tensor) and item.dim() and item.shape != shape:
                 raise ValueError(
@@ -167,7 +168,8 @@ def resolve(
 
 
 def _explain_dict_mismatch(name: str, value: Mapping, paths: list) -> None:
-    hp_paths, _, _ = optree.tree_flatten_with_path(value, namespace=_NAMESPACE)
+    tree: PyTree = value
+    hp_paths, _, _ = optree.tree_flatten_with_path(tree, namespace=_NAMESPACE)
     have, want = set(hp_paths), set(paths)
     for p in paths:
         if p not in have:
@@ -457,7 +459,7 @@ def _scatter(flat: torch.Tensor, group: _Group, out: list) -> None:
 
 def build(
     name: str,
-    state_cls: type,
+    state_cls: Any,
     hyperparams: dict[str, Any],
     options: dict[str, Any],
     *,

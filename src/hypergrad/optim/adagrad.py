@@ -37,7 +37,7 @@ def _math(x: Flat) -> tuple[torch.Tensor, Buffers]:
     g, hp = x.grad(), x.hp
     t = x.step.to(torch.float64)  # scalar maths in float64, as torch's Python floats
     clr = hp["lr"] / (1 + (t - 1) * hp["lr_decay"])
-    state_sum = torch.addcmul(x.bufs["sum"], g, g, value=1)  # type: ignore[arg-type]
+    state_sum = torch.addcmul(x.bufs["sum"], g, g, value=1)
     std = safe_sqrt(state_sum) + hp["eps"]
     return x.p + g * (-clr) / std, {"sum": state_sum}
 

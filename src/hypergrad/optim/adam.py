@@ -57,12 +57,12 @@ def _adam_math(x: Flat, *, decoupled: bool) -> tuple[torch.Tensor, Buffers]:
     lr, (beta1, beta2), eps, wd = x.hp["lr"], x.hp["betas"], x.hp["eps"], x.hp["weight_decay"]
     if decoupled and not is_zero(wd):
         p = p * (1 - lr * wd)
-    exp_avg = torch.lerp(bufs["exp_avg"], g, 1 - beta1)  # type: ignore[arg-type]
+    exp_avg = torch.lerp(bufs["exp_avg"], g, 1 - beta1)
     v = bufs["exp_avg_sq"]
     if is_number(beta2):
-        exp_avg_sq = torch.addcmul(v * beta2, g, g, value=1 - beta2)  # type: ignore[operator]
+        exp_avg_sq = torch.addcmul(v * beta2, g, g, value=1 - beta2)
     else:
-        exp_avg_sq = torch.lerp(v, g * g, 1 - beta2)  # type: ignore[arg-type]
+        exp_avg_sq = torch.lerp(v, g * g, 1 - beta2)
     # Scalar maths in float64, as torch.optim does it in Python floats.
     t = step.to(torch.float64)
     step_value = host_value(step)
@@ -72,10 +72,10 @@ def _adam_math(x: Flat, *, decoupled: bool) -> tuple[torch.Tensor, Buffers]:
     else:
         bias_correction1 = 1 - beta1**t
     bias_correction2 = 1 - beta2**t
-    step_size = once_per_step(lr / bias_correction1)
+    step_size: Any = once_per_step(lr / bias_correction1)
     max_sq = None
     if options["amsgrad"]:
-        max_sq = torch.maximum(bufs["max_exp_avg_sq"], exp_avg_sq)  # type: ignore[arg-type]
+        max_sq = torch.maximum(bufs["max_exp_avg_sq"], exp_avg_sq)
         second = max_sq
     else:
         second = exp_avg_sq

@@ -52,12 +52,12 @@ def _math(x: Flat) -> tuple[torch.Tensor, Buffers]:
     lr, alpha, eps = x.hp["lr"], x.hp["alpha"], x.hp["eps"]
     sq = bufs["square_avg"]
     if is_number(alpha):
-        square_avg = torch.addcmul(sq * alpha, g, g, value=1 - alpha)  # type: ignore[operator]
+        square_avg = torch.addcmul(sq * alpha, g, g, value=1 - alpha)
     else:
-        square_avg = torch.addcmul(sq * alpha, g * (1 - alpha), g)  # type: ignore[operator]
+        square_avg = torch.addcmul(sq * alpha, g * (1 - alpha), g)
     grad_avg = None
     if x.options["centered"]:
-        grad_avg = torch.lerp(bufs["grad_avg"], g, 1 - alpha)  # type: ignore[arg-type]
+        grad_avg = torch.lerp(bufs["grad_avg"], g, 1 - alpha)
         # May round below zero, where torch gives nan: nonnegative=False keeps that forward.
         avg = safe_sqrt(torch.addcmul(square_avg, grad_avg, grad_avg, value=-1), nonnegative=False)
     else:

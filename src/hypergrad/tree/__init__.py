@@ -25,7 +25,9 @@ they take see each leaf's *dotted path*: the tree's keys joined by ``"."`` (``{"
 from __future__ import annotations
 
 import builtins
+import functools
 import math
+import operator
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -381,7 +383,7 @@ def mean(
             )
         if not flat:
             return trees  # an empty tree: nothing to average
-        n = sizes.pop()
+        n = flat[0].shape[0]  # every leaf's (checked above)
     else:
         if isinstance(trees, (Mapping, torch.Tensor)) or not isinstance(trees, Sequence):
             raise ValueError(
@@ -401,11 +403,12 @@ def mean(
             wx = torch.as_tensor(w, dtype=x.dtype, device=x.device) if isinstance(w, list) else w
             return torch.tensordot(_as_weight(wx, x), x, dims=1)
 
-        return optree.tree_map(avg, trees, namespace=_NAMESPACE)
+        stacked_tree: PyTree = trees
+        return optree.tree_map(avg, stacked_tree, namespace=_NAMESPACE)
 
     def avg_list(*xs: torch.Tensor) -> torch.Tensor:
         terms = (_as_weight(w[i], x) * x for i, x in enumerate(xs))
-        return builtins.sum(terms)
+        return functools.reduce(operator.add, terms)
 
     return optree.tree_map(avg_list, trees[0], *trees[1:], namespace=_NAMESPACE)
 

@@ -95,9 +95,10 @@ def _prune(node: Any) -> Any:
 
 
 def _rebuild_mapping(like: Mapping, items: list[tuple[Any, Any]]) -> Mapping:
+    make: Any = type(like)
     if hasattr(like, "default_factory"):
-        return type(like)(like.default_factory, items)  # type: ignore[attr-defined]
-    return type(like)(items)
+        return make(like.default_factory, items)
+    return make(items)
 
 
 def partition(tree: PyTree, pattern: Pattern, /) -> tuple[PyTree, PyTree]:
