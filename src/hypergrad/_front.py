@@ -18,7 +18,7 @@ import contextlib
 import dataclasses
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import torch
 
@@ -31,10 +31,13 @@ from hypergrad._engine.diagnosis import all_finite, locate_nonfinite, raise_nonf
 from hypergrad._engine.hyper import parse_wrt, to_tensor
 from hypergrad._engine.problem import Problem, outer_fn, run_steps
 from hypergrad._engine.randomness import draw_seed, rng_devices
-from hypergrad._engine.step import build_step, in_functorch_transform, multi_step
+from hypergrad._engine.step import in_functorch_transform, make_step, multi_step
 from hypergrad.methods import Method, MethodResult, resolve
 from hypergrad.optim._base import Optimizer
 from hypergrad.tree import PyTree
+
+if TYPE_CHECKING:  # the clients transform stands above the front door
+    from hypergrad._clients.federation import Clients
 
 __all__ = [
     "Hypergradient",
@@ -121,6 +124,7 @@ class Setup:
     targets: tuple[str, ...] = ()
     hyper_names: tuple[str, ...] = ()
     outer: Callable[[PyTree, PyTree, PyTree], torch.Tensor] | None = None
+    clients: Clients | None = None
 
     @property
     def has_buffers(self) -> bool:
@@ -157,17 +161,21 @@ def set_up(
     check_finite: bool,
     method: str | Method | None = None,
     wrt: str | Sequence[str] = ("aux",),
-    outer: tuple[Callable[..., Any], Any] | None = None,
+    outer_loss: Callable[..., Any] | None = None,
+    outer_batch: Any = None,
+    clients: Clients | None = None,
 ) -> Setup:
     """Check a public call's arguments and normalise them into a ``Setup`` (the front door).
 
-    ``method=None`` sets up an unroll (nothing differentiated, ``wrt`` ignored); ``outer`` is
-    ``(outer_loss, outer_batch)`` for a hypergradient.
+    The public entry points pass every argument they received by name (``set_up(**locals())``).
+    Without ``method`` it sets up an unroll (``wrt`` and the outer loss unused). With
+    ``clients``, ``steps`` counts the local steps of one round.
     """
     how = None if method is None else resolve(method)
+    _check_losses(inner_loss, outer_loss, needs_outer=how is not None)
     check_opt(opt)
     check_params(params)
-    source = Batches(batches, steps)
+    source = Batches(batches, steps if clients is None else clients.total_steps(steps))
     hp: dict[str, Any] = {**opt.hyperparams, **(hyperparams or {})}
     targets, names = ((), ()) if how is None else parse_wrt(wrt, aux, hp, opt)
     first = _tree.leaves(params)[0]  # check_params: a non-empty tree of floating-point tensors
@@ -205,8 +213,25 @@ def set_up(
         method=how,
         targets=targets,
         hyper_names=names,
-        outer=None if outer is None else outer_fn(*outer, buffers is not None),
+        outer=None
+        if outer_loss is None
+        else outer_fn(outer_loss, outer_batch, buffers is not None),
+        clients=clients,
     )
+
+
+def _check_losses(inner_loss: Any, outer_loss: Any, needs_outer: bool) -> None:
+    losses = [("inner_loss", inner_loss, "inner_loss(params, aux, batch) -> scalar")]
+    if needs_outer:
+        losses.append(("outer_loss", outer_loss, "outer_loss(params, aux, outer_batch) -> scalar"))
+    for name, fn, signature in losses:
+        if not callable(fn):
+            raise TypeError(
+                f"{caller()}: {name} must be a function {signature}, got {type(fn).__name__}. "
+                "The arguments come in the order (outer_loss, inner_loss, params, opt, batches, "
+                "outer_batch) for a hypergradient, (inner_loss, params, opt, batches) for an "
+                "unroll."
+            )
 
 
 def _no_outer(params: PyTree, buffers: PyTree, aux: PyTree) -> torch.Tensor:
@@ -215,7 +240,7 @@ def _no_outer(params: PyTree, buffers: PyTree, aux: PyTree) -> torch.Tensor:
 
 def single_problem(setup: Setup) -> Problem:
     """The problem of one model: the engine's step (compiled if asked) in the K-step loop."""
-    step = build_step(
+    step = make_step(
         setup.inner_loss,
         setup.opt,
         has_buffers=setup.has_buffers,

@@ -6,10 +6,10 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from hypergrad._boundary import entered
-from hypergrad._clients import Clients, federated
+from hypergrad._clients import Clients, problem_of
 from hypergrad._engine.compile import Compile
 from hypergrad._engine.hyper import map_hyper
-from hypergrad._front import Hypergradient, differentiate, set_up, single_problem
+from hypergrad._front import Hypergradient, differentiate, set_up
 from hypergrad.methods import Method
 from hypergrad.optim._base import Optimizer
 from hypergrad.tree import PyTree
@@ -117,25 +117,5 @@ def hypergrad(
         (torch.Size([4]), torch.Size([]), True)
     """
     with entered("hg.hypergrad"):
-        setup = set_up(
-            inner_loss,
-            params,
-            opt,
-            batches,
-            steps=steps if clients is None else clients.total_steps(steps),
-            aux=aux,
-            state=state,
-            buffers=buffers,
-            hyperparams=hyperparams,
-            seed=seed,
-            inner_grad=inner_grad,
-            compile=compile,
-            progress=progress,
-            check_finite=check_finite,
-            method=method,
-            wrt=wrt,
-            outer=(outer_loss, outer_batch),
-        )
-        if clients is None:
-            return differentiate(setup, single_problem(setup))
-        return differentiate(setup, *federated(setup, clients))
+        setup = set_up(**locals())  # every argument, by name: the front door checks them all
+        return differentiate(setup, *problem_of(setup))

@@ -6,9 +6,9 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from hypergrad._boundary import entered
-from hypergrad._clients import Clients, federated
+from hypergrad._clients import Clients, problem_of
 from hypergrad._engine.compile import Compile
-from hypergrad._front import Trajectory, set_up, single_problem, trajectory
+from hypergrad._front import Trajectory, set_up, trajectory
 from hypergrad.optim._base import Optimizer
 from hypergrad.tree import PyTree
 
@@ -88,21 +88,5 @@ def unroll(
         (tensor([0.8750]), tensor([1.0000, 0.2500, 0.0625]))
     """
     with entered("hg.unroll"):
-        setup = set_up(
-            inner_loss,
-            params,
-            opt,
-            batches,
-            steps=steps if clients is None else clients.total_steps(steps),
-            aux=aux,
-            state=state,
-            buffers=buffers,
-            hyperparams=hyperparams,
-            seed=seed,
-            inner_grad=inner_grad,
-            compile=compile,
-            progress=progress,
-            check_finite=check_finite,
-        )
-        problem = single_problem(setup) if clients is None else federated(setup, clients)[0]
-        return trajectory(setup, problem)
+        setup = set_up(**locals())  # every argument, by name: the front door checks them all
+        return trajectory(setup, problem_of(setup)[0])

@@ -1,6 +1,6 @@
 """The clients transform: many stacked models as one problem (``hg.Clients``).
 
-``federated(setup, clients)`` turns the ``Setup`` of one model's call into the ``Problem`` of C
+``problem_of(setup)`` turns the ``Setup`` of a call with ``clients=`` into the ``Problem`` of C
 clients (the engine's step vmapped over them, in federated rounds) and, where the hypergradient
 is taken chunk by chunk, the runner that does it. Modules: ``vmap`` (vmap over trees with
 ``None`` leaves), ``dims`` (``in_dims`` and the client count), ``step`` (the stacked step),
@@ -13,15 +13,20 @@ from __future__ import annotations
 from hypergrad._clients.chunks import ByChunks
 from hypergrad._clients.federation import Clients, federate
 from hypergrad._engine.problem import Problem
-from hypergrad._front import Runner, Setup
+from hypergrad._front import Runner, Setup, single_problem
 
-__all__ = ["Clients", "federated"]
+__all__ = ["Clients", "problem_of"]
 
 
-def federated(setup: Setup, clients: Clients) -> tuple[Problem, Runner | None]:
-    """The problem of ``setup`` over ``clients``, and the runner for chunks (``None``: the method)."""
-    fed = federate(setup, clients)
-    chunked = (
-        fed.by_chunk and fed.clients.chunk_size is not None and fed.clients.chunk_size < fed.count
-    )
+def problem_of(setup: Setup) -> tuple[Problem, Runner | None]:
+    """The problem a public call describes, and its runner (``None``: the method itself).
+
+    One model's problem, or with ``setup.clients`` the clients transform of it (and, where the
+    hypergradient is taken chunk by chunk, the runner that does it).
+    """
+    if setup.clients is None:
+        return single_problem(setup), None
+    fed = federate(setup, setup.clients)
+    size = fed.clients.chunk_size
+    chunked = fed.by_chunk and size is not None and size < fed.count
     return fed.problem, ByChunks(fed) if chunked else None

@@ -31,7 +31,6 @@ from hypergrad.tree import PyTree
 
 __all__ = [
     "StepFn",
-    "build_step",
     "in_functorch_transform",
     "make_step",
     "multi_step",
@@ -95,6 +94,8 @@ def make_step(
     has_buffers: bool,
     inner_grad: str = "auto",
     first_order: bool = False,
+    compile: Compile | None = None,
+    steps: int = 1,
 ) -> StepFn:
     """Build the pure step function ``step(params, state, buffers, aux, hyperparams, batch)``.
 
@@ -106,6 +107,10 @@ def make_step(
         has_buffers: whether buffers are carried.
         inner_grad: ``"func"``, ``"autograd"`` or ``"auto"`` (see the module docstring).
         first_order: detach the inner gradient (no second-order terms).
+        compile: compile the step (and runs of several steps, ``multi_step``) with these
+            options, cached across calls; the inner gradient is then taken with ``torch.func``,
+            and every hyperparameter must be given at each call (``{**opt.hyperparams, ...}``).
+        steps: K, from which a compiled step chooses how many steps one graph runs.
 
     Returns:
         ``step(params, state, buffers, aux, hyperparams, batch) -> (params, state, buffers, loss)``.
@@ -120,6 +125,8 @@ def make_step(
         ({'w': tensor([0.8000])}, tensor(1.))
     """
     check_inner_grad(inner_grad)
+    if compile is not None:
+        inner_grad = "func"  # torch.autograd.grad inside torch.compile breaks the graph
 
     def loss_fn(params: PyTree, aux: PyTree, batch: Any, buffers: PyTree) -> Any:
         return _call_inner(inner_loss, has_buffers, params, aux, batch, buffers)
@@ -166,38 +173,8 @@ def make_step(
         new_params, new_state = opt.step(params, grads, state, hyperparams=hyperparams)
         return new_params, new_state, new_buffers, loss
 
-    return step
-
-
-def build_step(
-    inner_loss: Callable[..., Any],
-    opt: Optimizer,
-    *,
-    has_buffers: bool,
-    inner_grad: str = "auto",
-    first_order: bool = False,
-    compile: Compile | None = None,
-    steps: int = 1,
-) -> StepFn:
-    """``make_step``, compiled (and cached) when ``compile`` holds options (see its module).
-
-    A compiled step takes its inner gradient with ``torch.func`` (``inner_grad="func"``) and must
-    be given every hyperparameter (``{**opt.hyperparams, **changes}``) at each call; it also
-    runs several steps per graph (``multi_step``), how many chosen from ``steps`` (K).
-
-    Examples:
-        >>> opt = hg.optim.sgd(lr=0.1)
-        >>> step = build_step(lambda p, a, b: (p["w"] ** 2).sum(), opt, has_buffers=False)
-        >>> step({"w": torch.tensor([1.0])}, opt.init({}), None, None, {"lr": 0.1}, None)[0]
-        {'w': tensor([0.8000])}
-    """
-    step = make_step(
-        inner_loss,
-        opt,
-        has_buffers=has_buffers,
-        inner_grad="func" if compile is not None else inner_grad,
-        first_order=first_order,
-    )
+    if compile is None:
+        return step
     key = step_key(inner_loss, opt, has_buffers=has_buffers, first_order=first_order)
     return compile_step(step, compile=compile, key=key, steps=steps)
 
@@ -207,7 +184,7 @@ def multi_step(step: StepFn) -> Any:
 
     Examples:
         >>> opt = hg.optim.sgd(lr=0.1)
-        >>> multi_step(build_step(lambda p, a, b: p["w"].sum(), opt, has_buffers=False)) is None
+        >>> multi_step(make_step(lambda p, a, b: p["w"].sum(), opt, has_buffers=False)) is None
         True
     """
     return step if hasattr(step, "several") else None

@@ -100,11 +100,16 @@ class Forward(Method):
         chunk_size: number of directions per vmapped pass (``None``: all D at once).
 
     Examples:
-        >>> loss = lambda p, a, x: ((p["w"] - x) ** 2).sum()
-        >>> g = hg.hypergrad(lambda p, a, y: (p["w"] ** 2).sum(), loss, {"w": torch.ones(1)},
-        ...     hg.optim.sgd(lr=0.1), torch.zeros(3, 1), None, method="forward", wrt=("lr",))
-        >>> g.hyperparams["lr"]
-        tensor(-3.9322)
+        Two scalars (``aux`` and the learning rate), one direction per pass, against reverse:
+
+        >>> inner = lambda p, a, x: ((p["w"] - a * x) ** 2).sum()
+        >>> args = (lambda p, a, y: (p["w"] ** 2).sum(), inner, {"w": torch.ones(1)},
+        ...         hg.optim.sgd(lr=0.1), torch.ones(3, 1), None)
+        >>> kw = dict(aux=torch.tensor(0.5), wrt=("aux", "lr"))
+        >>> fwd = hg.hypergrad(*args, method=hg.Forward(chunk_size=1), **kw)
+        >>> rev = hg.hypergrad(*args, method="reverse", **kw)
+        >>> torch.allclose(fwd.aux, rev.aux), torch.allclose(fwd.hyperparams["lr"], rev.hyperparams["lr"])
+        (True, True)
     """
 
     name = "forward"

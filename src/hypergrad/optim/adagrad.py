@@ -85,13 +85,13 @@ def adagrad(
         >>> new["w"], state.sum["w"]
         (tensor([ 1.0000, -2.2500]), tensor([3., 4.]))
     """
-    hyperparams = {
-        "lr": lr,
-        "lr_decay": lr_decay,
-        "weight_decay": weight_decay,
-        "initial_accumulator_value": initial_accumulator_value,
-        "eps": eps,
-    }
+    hyperparams = dict(
+        lr=lr,
+        lr_decay=lr_decay,
+        weight_decay=weight_decay,
+        initial_accumulator_value=initial_accumulator_value,
+        eps=eps,
+    )
     options = {"maximize": maximize}
     return build("adagrad", AdagradState, hyperparams, options, buffers=_buffers, math=_math)
 

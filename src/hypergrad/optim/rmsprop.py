@@ -122,13 +122,7 @@ def rmsprop(
         >>> new["w"], state.grad_avg["w"]
         (tensor([ 1.0000, -3.0050]), tensor([0.0000, 0.0100]))
     """
-    hyperparams = {
-        "lr": lr,
-        "alpha": alpha,
-        "eps": eps,
-        "weight_decay": weight_decay,
-        "momentum": momentum,
-    }
+    hyperparams = dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum)
     options = {"centered": centered, "maximize": maximize}
     return build("rmsprop", RMSpropState, hyperparams, options, buffers=_buffers, math=_math)
 

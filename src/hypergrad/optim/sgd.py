@@ -148,12 +148,7 @@ def sgd(
         >>> lr.grad
         tensor(-2.)
     """
-    hyperparams = {
-        "lr": lr,
-        "momentum": momentum,
-        "dampening": dampening,
-        "weight_decay": weight_decay,
-    }
+    hyperparams = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay)
     options = {"nesterov": nesterov, "maximize": maximize}
     return build("sgd", SGDState, hyperparams, options, buffers=_buffers, math=_math, check=_check)
 

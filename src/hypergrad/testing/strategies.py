@@ -188,13 +188,11 @@ def data(
     """Stacked float64 regression batches ``(x, y)`` shaped ``(steps, batch_size, ...)``.
 
     Examples:
-        >>> from hypothesis import given, settings
+        >>> from hypothesis import find
         >>> from hypergrad.testing import strategies as hst
-        >>> @settings(max_examples=3, deadline=None, database=None)
-        ... @given(hst.data(steps=5, batch_size=2))
-        ... def test_shapes(xy):
-        ...     assert xy[0].shape == (5, 2, 3) and xy[1].shape == (5, 2, 1)
-        >>> test_shapes()
+        >>> x, y = find(hst.data(steps=5, batch_size=2), lambda xy: True)
+        >>> x.shape, y.shape
+        (torch.Size([5, 2, 3]), torch.Size([5, 2, 1]))
     """
     g = _seeded(draw(st.integers(0, 2**31 - 1)))
     x = torch.randn(steps, batch_size, in_features, generator=g, dtype=torch.float64)
