@@ -16,8 +16,8 @@ import torch
 from torch._dynamo.utils import counters
 
 import hypergrad as hg
-from hypergrad._engine import compile as _compile
 from hypergrad._clients.federation import _WithinRounds
+from hypergrad._engine import compile as _compile
 
 K = 3
 NO_CUDA = "no CUDA device in this session: the CUDA cases run only where torch.cuda.is_available()"
