@@ -68,3 +68,22 @@ def test_the_unused_aux_warning_still_reaches_the_user():
     with pytest.warns(UserWarning, match=r"aux\['unused'\] does not affect the outer loss"):
         hg.hypergrad(outer, inner, {"w": torch.ones(1)}, hg.optim.sgd(lr=0.1),
                      torch.ones(2, 1), None, aux={"unused": torch.ones(1)})  # fmt: skip
+
+
+def test_the_readme_example_prints_what_it_says_and_nothing_else():
+    import pathlib
+    import re
+
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    code = re.search(r"^```python\n(.*?)^```", readme, re.M | re.S).group(1)
+    done = run_showing_every_warning(code)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == "", done.stderr  # no warning of torch's, none of ours
+    lines = done.stdout.splitlines()
+    assert len(lines) == 3 and re.fullmatch(
+        r"val loss [0-9.]+  d/d strength -?[0-9.]+  d/d lr -?[0-9.]+", lines[0]
+    ), done.stdout
+    for line, name in zip(lines[1:], ("strength", "lr")):  # both derivatives, checked
+        assert re.fullmatch(
+            rf"d/d {name}: matches central finite differences \(relative error [0-9.e+-]+\)", line
+        ), line
