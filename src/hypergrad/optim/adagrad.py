@@ -8,7 +8,8 @@ from typing import Any, NamedTuple
 import torch
 
 from hypergrad.optim._base import Optimizer
-from hypergrad.optim._common import Buffers, Flat, Hyper, build, register_states, safe_sqrt
+from hypergrad.optim._common import Buffers, Flat, build, register_states, safe_sqrt
+from hypergrad.optim._hyper import Hyper
 from hypergrad.tree import PyTree
 
 __all__ = ["AdagradState", "adagrad"]

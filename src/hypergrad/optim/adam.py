@@ -9,18 +9,8 @@ import torch
 
 from hypergrad._boundary import caller, is_number
 from hypergrad.optim._base import Optimizer
-from hypergrad.optim._common import (
-    Buffers,
-    Flat,
-    Hyper,
-    build,
-    check_hyperparams,
-    host_value,
-    is_zero,
-    once_per_step,
-    register_states,
-    safe_sqrt,
-)
+from hypergrad.optim._common import Buffers, Flat, build, once_per_step, register_states, safe_sqrt
+from hypergrad.optim._hyper import Hyper, check_hyperparams, host_value, is_zero
 from hypergrad.tree import PyTree
 
 __all__ = ["AdamState", "adam", "adamw"]

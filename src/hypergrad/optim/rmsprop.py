@@ -9,16 +9,8 @@ import torch
 
 from hypergrad._boundary import is_number
 from hypergrad.optim._base import Optimizer
-from hypergrad.optim._common import (
-    Buffers,
-    Flat,
-    Hyper,
-    axpy,
-    build,
-    is_zero,
-    register_states,
-    safe_sqrt,
-)
+from hypergrad.optim._common import Buffers, Flat, axpy, build, register_states, safe_sqrt
+from hypergrad.optim._hyper import Hyper, is_zero
 from hypergrad.tree import PyTree
 
 __all__ = ["RMSpropState", "rmsprop"]

@@ -9,17 +9,8 @@ import torch
 
 from hypergrad._boundary import caller, is_number
 from hypergrad.optim._base import Optimizer
-from hypergrad.optim._common import (
-    Buffers,
-    Flat,
-    _values,
-    axpy,
-    build,
-    check_hyperparams,
-    host_value,
-    is_zero,
-    register_states,
-)
+from hypergrad.optim._common import Buffers, Flat, axpy, build, register_states
+from hypergrad.optim._hyper import _values, check_hyperparams, host_value, is_zero
 from hypergrad.tree import PyTree
 
 __all__ = ["SGDState", "sgd"]

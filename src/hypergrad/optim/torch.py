@@ -9,7 +9,7 @@ import torch
 
 from hypergrad._boundary import caller, entered
 from hypergrad.optim._base import Optimizer
-from hypergrad.optim._common import is_zero
+from hypergrad.optim._hyper import is_zero
 from hypergrad.optim.adagrad import adagrad
 from hypergrad.optim.adam import adam, adamw
 from hypergrad.optim.rmsprop import rmsprop
