@@ -290,15 +290,14 @@ def amsgrad_tie(family):
 
 
 @pytest.mark.parametrize("family", ["adam", "adamw"])
-def test_amsgrad_derivative_at_an_exact_tie_is_the_mean_of_both_branches(family):
-    """At an exact tie the library's derivative is neither one-sided derivative but their mean.
+def test_amsgrad_derivative_at_an_exact_tie_keeps_the_old_maximum(family):
+    """At an exact tie the library returns the one-sided derivative of the old maximum's branch.
 
-    AMSGrad's ``torch.maximum(max_exp_avg_sq, exp_avg_sq)`` is differentiated by torch's own
-    formula for ``maximum``, which at a tie sends half the gradient to each argument (reverse
-    mode and forward mode alike): the library returns the mean of the left and right
-    derivatives, i.e. the symmetric derivative, the limit of the central difference. That is a
-    property of torch's derivative formula (not of hg.optim); this pins it on the torch
-    versions we support. Away from the tie the derivative is the branch's own.
+    AMSGrad's running maximum is a selection, ``where(exp_avg_sq > max_exp_avg_sq, exp_avg_sq,
+    max_exp_avg_sq)``: at a tie it keeps the old maximum, so the derivative is that branch's
+    (the one-sided derivative along which ``exp_avg_sq`` does not grow past it), in reverse and
+    forward mode alike, whatever torch's convention for ``maximum`` at a tie. Away from the tie
+    the derivative is the branch's own.
     """
     max_sq = amsgrad_tie(family)
     g2 = torch.tensor([1.0, 3.0], dtype=F64)
@@ -307,20 +306,22 @@ def test_amsgrad_derivative_at_an_exact_tie_is_the_mean_of_both_branches(family)
         m, v = max_sq(b2_form, g2)
         assert torch.equal(m, torch.tensor([1.0, 3.0], dtype=F64)) and torch.equal(m, v)
 
-        # d max_sq / d g2: left 0 (max_exp_avg_sq of step 1 does not depend on g2), right
-        # 2 * (1 - beta2) * g2 = 0.5; element 1 is on the exp_avg_sq branch: 1.5.
+        # d max_sq / d g2: the old maximum's branch gives 0 (max_exp_avg_sq of step 1 does not
+        # depend on g2; the other side would be 2 * (1 - beta2) * g2 = 0.5); element 1 is on the
+        # exp_avg_sq branch: 1.5.
         def of_g2(g, b2_form=b2_form):
             return max_sq(b2_form, g)[0]
 
         jac = torch.func.jacrev(of_g2)(g2)
-        assert torch.equal(jac, torch.tensor([[0.25, 0.0], [0.0, 1.5]], dtype=F64)), jac
+        assert torch.equal(jac, torch.tensor([[0.0, 0.0], [0.0, 1.5]], dtype=F64)), jac
         _, tangent = torch.func.jvp(of_g2, (g2,), (torch.ones_like(g2),))
-        assert torch.equal(tangent, torch.tensor([0.25, 1.5], dtype=F64)), tangent
-    # d max_sq[0] / d beta2: left -4 (the step-1 branch, (1 - beta2) * 4), right -3 (exp_avg_sq
-    # of step 2); the library gives -3.5. The one-sided differences confirm the two branches,
-    # and finite_difference reports that no difference can check it.
+        assert torch.equal(tangent, torch.tensor([0.0, 1.5], dtype=F64)), tangent
+    # d max_sq[0] / d beta2: left -4 (the old maximum's branch: step 1's (1 - beta2) * 4),
+    # right -3 (exp_avg_sq of step 2); the library gives the left one. The one-sided
+    # differences confirm the two branches, and finite_difference reports that no central
+    # difference can check it.
     d_beta2 = torch.func.grad(lambda b: max_sq(b, g2)[0][0])(b2)
-    assert torch.isclose(d_beta2, torch.tensor(-3.5, dtype=F64), rtol=1e-15, atol=0), d_beta2
+    assert torch.isclose(d_beta2, torch.tensor(-4.0, dtype=F64), rtol=1e-15, atol=0), d_beta2
     f = lambda b: float(max_sq(b, g2)[0][0])  # noqa: E731
     h = 1e-7
     right, left = (f(b2 + h) - f(b2)) / h, (f(b2) - f(b2 - h)) / h

@@ -65,7 +65,11 @@ def _adam_math(x: Flat, *, decoupled: bool) -> tuple[torch.Tensor, Buffers]:
     step_size: Any = once_per_step(lr / bias_correction1)
     max_sq = None
     if options["amsgrad"]:
-        max_sq = torch.maximum(bufs["max_exp_avg_sq"], exp_avg_sq)
+        # The running maximum, as a selection: at an exact tie it keeps the old maximum, so the
+        # derivative there is that branch's one-sided derivative, by construction rather than
+        # by torch's convention for maximum (which splits the gradient half and half).
+        old = bufs["max_exp_avg_sq"]
+        max_sq = torch.where(exp_avg_sq > old, exp_avg_sq, old)
         second = max_sq
     else:
         second = exp_avg_sq
