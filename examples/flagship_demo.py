@@ -203,7 +203,7 @@ def plot(result: dict, out: str) -> str:
         right.scatter(range(len(s)), s[:, i], label=layer, s=14)
     right.set_xlabel("client")
     right.set_ylabel("learned proximal strength")
-    right.legend()
+    right.legend(ncol=2, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     fig.savefig(out, dpi=110)
