@@ -282,3 +282,26 @@ def test_a_torch_optimizer_is_refused_with_the_from_torch_fix(call):
 
 def _sq(p, a, b):
     return (p["w"] ** 2).sum()
+
+
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        (lambda: hg.hypergrad(None, lambda p, a, x: p["w"].sum(), {"w": torch.ones(1)},
+                              hg.optim.sgd(lr=0.1), torch.ones(2, 1), None),
+         r"hg.hypergrad: outer_loss must be a function outer_loss\(params, aux, outer_batch\)"),
+        (lambda: hg.hypergrad(lambda p, a, y: p["w"].sum(), {"w": torch.ones(1)}, {"w": torch.ones(1)},
+                              hg.optim.sgd(lr=0.1), torch.ones(2, 1), None),
+         r"hg.hypergrad: inner_loss must be a function .* got dict\. The arguments come in the order"),
+        (lambda: hg.unroll({"w": torch.ones(1)}, lambda p, a, x: p["w"].sum(),
+                           hg.optim.sgd(lr=0.1), torch.ones(2, 1)),
+         r"hg.unroll: inner_loss must be a function inner_loss\(params, aux, batch\)"),
+        (lambda: hg.clients.hypergrad(lambda p, a, y: p["w"].sum(), 3, {"w": torch.ones(2, 1)},
+                                      hg.optim.sgd(lr=0.1), torch.ones(2, 2, 1), None),
+         r"hg.clients.hypergrad: inner_loss must be a function .* got int"),
+    ],
+    ids=["outer", "swapped", "unroll", "clients"],
+)  # fmt: skip
+def test_losses_that_are_not_functions_are_refused_with_the_argument_order(call, match):
+    with pytest.raises(TypeError, match=match):
+        call()
