@@ -305,3 +305,11 @@ def _sq(p, a, b):
 def test_losses_that_are_not_functions_are_refused_with_the_argument_order(call, match):
     with pytest.raises(TypeError, match=match):
         call()
+
+
+def test_clients_must_be_a_clients_object():
+    with pytest.raises(
+        TypeError, match=r"hg.unroll: clients must be hg.Clients\(...\) .* got dict"
+    ):
+        hg.unroll(lambda p, a, x: (p["w"] ** 2).sum(), {"w": torch.ones(2, 1)},
+                  hg.optim.sgd(lr=0.1), torch.ones(2, 2, 1), clients={"rounds": 2})  # fmt: skip

@@ -175,6 +175,11 @@ def set_up(
     _check_losses(inner_loss, outer_loss, needs_outer=how is not None)
     check_opt(opt)
     check_params(params)
+    if clients is not None and not callable(getattr(clients, "total_steps", None)):
+        raise TypeError(
+            f"{caller()}: clients must be hg.Clients(...) (or None for one model), got "
+            f"{type(clients).__name__}. Pass e.g. clients=hg.Clients(rounds=3)."
+        )
     source = Batches(batches, steps if clients is None else clients.total_steps(steps))
     hp: dict[str, Any] = {**opt.hyperparams, **(hyperparams or {})}
     targets, names = ((), ()) if how is None else parse_wrt(wrt, aux, hp, opt)
@@ -183,19 +188,7 @@ def set_up(
         hp[name] = to_tensor(hp[name], first.dtype, first.device)
     if "aux" in targets:
         check_float(aux, "aux")
-    check_inner_grad(inner_grad)
-    options = check_compile(compile)
-    if how is not None and how.functional and inner_grad == "autograd":
-        raise ValueError(
-            f"{caller()}: method {how!r} runs torch.func.jvp through the steps, which needs "
-            "inner_grad='func' (or 'auto'); torch.autograd.grad cannot run under it."
-        )
-    if options is not None and inner_grad == "autograd":
-        raise ValueError(
-            f"{caller()}: compile={compile!r} compiles the inner gradient with torch.func, so it "
-            "needs inner_grad='func' or 'auto'; torch.autograd.grad inside torch.compile breaks "
-            "the graph. Pass inner_grad='auto', or compile=False."
-        )
+    options = _check_modes(how, inner_grad, compile)
     return Setup(
         inner_loss=inner_loss,
         params=params,
@@ -218,6 +211,24 @@ def set_up(
         else outer_fn(outer_loss, outer_batch, buffers is not None),
         clients=clients,
     )
+
+
+def _check_modes(how: Method | None, inner_grad: str, compile: Any) -> Compile | None:
+    """``inner_grad`` and ``compile`` checked, and checked against the method; the options."""
+    check_inner_grad(inner_grad)
+    options = check_compile(compile)
+    if how is not None and how.functional and inner_grad == "autograd":
+        raise ValueError(
+            f"{caller()}: method {how!r} runs torch.func.jvp through the steps, which needs "
+            "inner_grad='func' (or 'auto'); torch.autograd.grad cannot run under it."
+        )
+    if options is not None and inner_grad == "autograd":
+        raise ValueError(
+            f"{caller()}: compile={compile!r} compiles the inner gradient with torch.func, so it "
+            "needs inner_grad='func' or 'auto'; torch.autograd.grad inside torch.compile breaks "
+            "the graph. Pass inner_grad='auto', or compile=False."
+        )
+    return options
 
 
 def _check_losses(inner_loss: Any, outer_loss: Any, needs_outer: bool) -> None:
