@@ -177,16 +177,16 @@ def flat_update(
     is used as is instead of concatenating the leaves again.
     """
     p_leaves, spec = optree.tree_flatten(params, namespace=_NAMESPACE)
-    g_leaves = optree.tree_leaves(grads, namespace=_NAMESPACE)
-    if not same_structure(grads, params):
+    g_leaves, g_spec = optree.tree_flatten(grads, namespace=_NAMESPACE)
+    if not same_structure(grads, params, specs=(g_spec, spec)):
         _explain("grads", params, grads)
     b_leaves: dict[str, list[torch.Tensor] | None] = {}
     for name, tree in buffers.items():
         if tree is None:
             b_leaves[name] = None
             continue
-        leaves = optree.tree_leaves(tree, namespace=_NAMESPACE)
-        if not same_structure(tree, params):
+        leaves, b_spec = optree.tree_flatten(tree, namespace=_NAMESPACE)
+        if not same_structure(tree, params, specs=(b_spec, spec)):
             _explain(f"state.{name}", params, tree)
         b_leaves[name] = leaves
     shapes = [p.shape for p in p_leaves]

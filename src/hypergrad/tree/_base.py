@@ -17,9 +17,10 @@ PyTree = Any
 _NAMESPACE = "hypergrad"
 
 
-def same_structure(a: PyTree, b: PyTree) -> bool:
+def same_structure(a: PyTree, b: PyTree, *, specs: tuple[Any, Any] | None = None) -> bool:
     """Whether two trees have the same structure (keys, nesting, container types).
 
+    ``specs``: their tree specs, where the caller flattened them already (saves two flattens).
     Under ``torch.compile`` it compares the leaves' key paths instead: dynamo before torch 2.13
     cannot compare two tree specs.
 
@@ -31,9 +32,12 @@ def same_structure(a: PyTree, b: PyTree) -> bool:
         return optree.tree_paths(a, namespace=_NAMESPACE) == optree.tree_paths(
             b, namespace=_NAMESPACE
         )
-    return optree.tree_structure(a, namespace=_NAMESPACE) == optree.tree_structure(
-        b, namespace=_NAMESPACE
-    )
+    if specs is None:
+        specs = (
+            optree.tree_structure(a, namespace=_NAMESPACE),
+            optree.tree_structure(b, namespace=_NAMESPACE),
+        )
+    return bool(specs[0] == specs[1])
 
 
 def keystr(path: Sequence[Any]) -> str:
