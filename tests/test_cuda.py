@@ -214,18 +214,7 @@ def test_padded_clients_on_device_equal_cpu():
     ids=[f"{c.__name__}{i}" for i, (c, *_) in enumerate(toptim.CASES)],
 )
 def test_optimizers_follow_torch_optim_on_device(cls, first, rest, common, foreach):
-    m = toptim.model().to(DEVICE)  # before the optimizer: .to keeps the Parameter objects
-    params = {n: p.detach().clone() for n, p in m.named_parameters()}
-    torch_opt = toptim.two_groups(m, cls, first, rest, foreach=foreach, **common)
-    opt = hg.optim.from_torch(torch_opt, m)
-    state = opt.init(params)
-    x = torch.randn(8, 3, dtype=F64, device=DEVICE)
-    for _ in range(20):
-        torch_opt.zero_grad()
-        m(x).square().sum().backward()
-        grads = {n: p.grad.clone() for n, p in m.named_parameters()}
-        torch_opt.step()
-        params, state = opt.step(params, grads, state)
+    m, params, state = toptim.follow_two_groups(cls, first, rest, common, foreach, DEVICE)
     for n, p in m.named_parameters():
         assert params[n].device == p.device
         torch.testing.assert_close(params[n], p.detach(), rtol=1e-10, atol=1e-12, msg=n)

@@ -43,21 +43,30 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize(("cls", "first", "rest", "common"), CASES)
-@pytest.mark.parametrize("foreach", [False, True])
-def test_several_groups_follow_the_torch_optimizer(cls, first, rest, common, foreach):
-    m = model()
-    params, _ = {n: p.detach().clone() for n, p in m.named_parameters()}, None
+def follow_two_groups(cls, first, rest, common, foreach, device="cpu"):
+    """20 steps of a two-group torch optimizer and of its from_torch twin, side by side.
+
+    Returns the module (stepped by torch), and the hypergrad params and state.
+    """
+    m = model().to(device)  # before the optimizer: .to keeps the Parameter objects
+    params = {n: p.detach().clone() for n, p in m.named_parameters()}
     torch_opt = two_groups(m, cls, first, rest, foreach=foreach, **common)
     opt = hg.optim.from_torch(torch_opt, m)
     state = opt.init(params)
-    x = torch.randn(8, 3, dtype=F64)
+    x = torch.randn(8, 3, dtype=F64, device=device)
     for _ in range(20):
         torch_opt.zero_grad()
         m(x).square().sum().backward()
         grads = {n: p.grad.clone() for n, p in m.named_parameters()}
         torch_opt.step()
         params, state = opt.step(params, grads, state)
+    return m, params, state
+
+
+@pytest.mark.parametrize(("cls", "first", "rest", "common"), CASES)
+@pytest.mark.parametrize("foreach", [False, True])
+def test_several_groups_follow_the_torch_optimizer(cls, first, rest, common, foreach):
+    m, params, _ = follow_two_groups(cls, first, rest, common, foreach)
     for n, p in m.named_parameters():
         assert torch.allclose(params[n], p.detach(), rtol=1e-12, atol=1e-14), n
 
