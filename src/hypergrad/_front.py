@@ -45,6 +45,7 @@ __all__ = [
     "Setup",
     "Trajectory",
     "differentiate",
+    "no_outer",
     "set_up",
     "single_problem",
     "trajectory",
@@ -245,7 +246,8 @@ def _check_losses(inner_loss: Any, outer_loss: Any, needs_outer: bool) -> None:
             )
 
 
-def _no_outer(params: PyTree, buffers: PyTree, aux: PyTree) -> torch.Tensor:
+def no_outer(params: PyTree, buffers: PyTree, aux: PyTree) -> torch.Tensor:
+    """The outer loss of an unroll, which differentiates nothing."""
     return torch.zeros(())
 
 
@@ -262,7 +264,7 @@ def single_problem(setup: Setup) -> Problem:
     )
     return Problem(
         step=step,
-        outer=setup.outer or _no_outer,
+        outer=setup.outer or no_outer,
         params=setup.params,
         state=setup.state,
         buffers=setup.buffers,

@@ -26,7 +26,7 @@ from hypergrad._engine.compile import compile_step, step_key
 from hypergrad._engine.problem import Carry, Problem
 from hypergrad._engine.randomness import rng_devices
 from hypergrad._engine.step import StepFn, multi_step
-from hypergrad._front import Setup
+from hypergrad._front import Setup, no_outer
 from hypergrad.tree import PyTree
 
 __all__ = ["Clients", "Federation", "federate"]
@@ -117,10 +117,6 @@ class Clients:
         return self.aggregate or functools.partial(fedavg, weights=self.weights)
 
 
-def _zero_outer(params: PyTree, buffers: PyTree, aux: PyTree) -> torch.Tensor:
-    return torch.zeros(())
-
-
 @dataclasses.dataclass(frozen=True)
 class Federation:
     """C clients training together for R rounds of K steps (built by ``federate``).
@@ -206,7 +202,7 @@ class Federation:
         s = self.setup
         return Problem(
             step=self.federated_step,
-            outer=self.server_outer if s.outer is not None else _zero_outer,
+            outer=self.server_outer if s.outer is not None else no_outer,
             params=s.params,
             state=None,
             buffers=s.buffers,
