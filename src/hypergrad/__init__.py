@@ -8,7 +8,14 @@ from hypergrad import clients, nn, optim, testing, tree
 from hypergrad._clients import Clients
 from hypergrad._engine.compile import Compile, CompileError, CompileFallbackWarning
 from hypergrad.hypergradient import Hypergradient, hypergrad
-from hypergrad.methods import Checkpointed, Forward, Truncated
+from hypergrad.methods import (
+    Checkpointed,
+    Forward,
+    Implicit,
+    ImplicitReport,
+    ImplicitWarning,
+    Truncated,
+)
 from hypergrad.nn import call, load, split, stack, unstack
 from hypergrad.trajectory import Trajectory, unroll
 
@@ -22,6 +29,9 @@ __all__ = [
     "CompileFallbackWarning",
     "Forward",
     "Hypergradient",
+    "Implicit",
+    "ImplicitReport",
+    "ImplicitWarning",
     "Trajectory",
     "Truncated",
     "__version__",

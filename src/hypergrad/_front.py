@@ -27,12 +27,13 @@ from hypergrad._boundary import caller
 from hypergrad._engine.batches import Batches
 from hypergrad._engine.checks import check_float, check_inner_grad, check_opt, check_params
 from hypergrad._engine.compile import Compile, check_compile
+from hypergrad._engine.condition import make_condition
 from hypergrad._engine.diagnosis import all_finite, locate_nonfinite, raise_nonfinite
 from hypergrad._engine.hyper import parse_wrt, to_tensor
 from hypergrad._engine.problem import Problem, outer_fn, run_steps
 from hypergrad._engine.randomness import draw_seed, rng_devices
 from hypergrad._engine.step import in_functorch_transform, make_step, multi_step
-from hypergrad.methods import Method, MethodResult, resolve
+from hypergrad.methods import ImplicitReport, Method, MethodResult, resolve
 from hypergrad.optim._base import Optimizer
 from hypergrad.tree import PyTree
 
@@ -83,6 +84,9 @@ class Hypergradient(NamedTuple):
         hyperparams: a dict ``{name: gradient}`` for the hyperparameters asked for (a float
             hyperparameter gets a 0-d gradient), or ``None``.
         params: the gradient with respect to the initial params (MAML), or ``None``.
+        solver: with [`hg.Implicit`][hypergrad.Implicit], an
+            [`ImplicitReport`][hypergrad.ImplicitReport] (the linear solver's iterations,
+            residual and convergence, and how stationary the trained params are); else ``None``.
 
     Examples:
         >>> inner = lambda p, a, x: ((p["w"] - a * x) ** 2).sum()
@@ -97,6 +101,7 @@ class Hypergradient(NamedTuple):
     aux: PyTree
     hyperparams: dict[str, Any] | None
     params: PyTree
+    solver: ImplicitReport | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -278,6 +283,13 @@ def single_problem(setup: Setup) -> Problem:
         devices=rng_devices(setup.params),
         init=lambda p, h: setup.opt.init(p, hyperparams=h),
         multi=multi_step(step),
+        condition=make_condition(
+            setup.inner_loss,
+            setup.opt,
+            setup.hyperparams,
+            has_buffers=setup.has_buffers,
+            batch_at=setup.source.at,
+        ),
     )
 
 
@@ -331,6 +343,7 @@ def differentiate(setup: Setup, problem: Problem, runner: Runner | None = None) 
         result.grads.get("aux"),
         result.grads.get("hyperparams"),
         result.grads.get("params"),
+        result.report,
     )
 
 

@@ -27,6 +27,7 @@ from typing import Any, NamedTuple
 import torch
 
 from hypergrad._boundary import caller
+from hypergrad._engine.condition import Condition
 from hypergrad._engine.randomness import manual_seed, seeded
 from hypergrad._engine.step import StepFn
 from hypergrad.tree import PyTree
@@ -67,6 +68,8 @@ class Problem:
             ``initial_accumulator_value``, or exist only for tensor ones, e.g. SGD's momentum).
         multi: a multi-step that runs several steps per call (the compiled path, see
             ``run_steps``), or ``None``: one ``step`` call per step.
+        condition: the stationarity condition the trained params satisfy
+            (``hypergrad._engine.condition``), which ``hg.Implicit`` differentiates, or ``None``.
     """
 
     step: StepFn
@@ -85,6 +88,7 @@ class Problem:
     on_step: Callable[[], None] | None = None
     init: Callable[[PyTree, Mapping[str, Any]], PyTree] | None = None
     multi: Any = None
+    condition: Condition | None = None
 
     def inputs(self) -> dict[str, PyTree]:
         """The trees to differentiate, keyed ``"aux"`` / ``"hyperparams"`` / ``"params"``."""

@@ -9,6 +9,7 @@ from hypergrad.methods._base import Method, MethodResult
 from hypergrad.methods.checkpointed import Checkpointed
 from hypergrad.methods.first_order import FirstOrder
 from hypergrad.methods.forward import Forward
+from hypergrad.methods.implicit import Implicit, ImplicitReport, ImplicitWarning
 from hypergrad.methods.reverse import Reverse
 from hypergrad.methods.truncated import Truncated
 
@@ -16,6 +17,9 @@ __all__ = [
     "Checkpointed",
     "FirstOrder",
     "Forward",
+    "Implicit",
+    "ImplicitReport",
+    "ImplicitWarning",
     "Method",
     "MethodResult",
     "Reverse",
@@ -23,11 +27,17 @@ __all__ = [
     "resolve",
 ]
 
-_NAMES = {"reverse": Reverse, "forward": Forward, "first_order": FirstOrder}
+_NAMES = {
+    "reverse": Reverse,
+    "forward": Forward,
+    "first_order": FirstOrder,
+    "implicit": Implicit,
+}
 
 
 def resolve(method: str | Method) -> Method:
-    """Turn ``"reverse"`` / ``"forward"`` / ``"first_order"`` or a method object into a method.
+    """Turn ``"reverse"`` / ``"forward"`` / ``"first_order"`` / ``"implicit"`` or a method object
+    into a method.
 
     Examples:
         >>> resolve("forward")
@@ -41,5 +51,6 @@ def resolve(method: str | Method) -> Method:
         return _NAMES[method]()
     raise ValueError(
         f"{caller()}: unknown method {method!r}; use 'reverse', 'forward', 'first_order', "
-        "hg.Truncated(T), hg.Checkpointed(segment) or hg.Forward(chunk_size)."
+        "'implicit', hg.Truncated(T), hg.Checkpointed(segment), hg.Forward(chunk_size) or "
+        "hg.Implicit(solver, ...)."
     )

@@ -31,12 +31,15 @@ class MethodResult(NamedTuple):
         unused: key paths (e.g. ``"['aux']['w']"``) of input leaves that the outer loss does not
             depend on at all (their gradient is identically zero); empty when the method cannot
             tell (forward mode).
+        report: what the method reports about itself (``hg.Implicit``: an
+            [`ImplicitReport`][hypergrad.ImplicitReport]), or ``None``.
     """
 
     value: torch.Tensor
     grads: dict[str, PyTree]
     losses: torch.Tensor
     unused: tuple[str, ...]
+    report: Any = None
 
 
 class Inputs(NamedTuple):

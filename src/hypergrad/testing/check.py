@@ -503,7 +503,11 @@ def check_hypergrad(
             outer_loss, inner_loss, params, opt, batch_fn, outer_batch,
             method=method, wrt=wrt, **common,
         )  # fmt: skip
-        asked = {k: v for k, v in g._asdict().items() if k != "value" and v is not None}
+        asked = {
+            k: v
+            for k, v in g._asdict().items()
+            if k not in ("value", "solver") and v is not None
+        }
 
         def f(x: dict[str, PyTree]) -> float:  # the outer loss after the unroll, at x
             hyper = {**hp, **x.get("hyperparams", {})}
