@@ -23,6 +23,7 @@ from hypergrad._clients.dims import count_clients, resolve_in_dims
 from hypergrad._clients.step import vmapped_step
 from hypergrad._clients.vmap import guarded, vmap_trees
 from hypergrad._engine.compile import compile_step, step_key
+from hypergrad._engine.condition import Condition, make_condition
 from hypergrad._engine.problem import Carry, Problem
 from hypergrad._engine.randomness import rng_devices
 from hypergrad._engine.step import StepFn, multi_step
@@ -218,6 +219,22 @@ class Federation:
             multi=None
             if self.multi is None
             else _WithinRounds(self.multi, self.steps, self.prelude),
+            condition=self.condition(),
+        )
+
+    def condition(self) -> Condition:
+        """Every client's stationarity condition at once: one model's, vmapped over clients."""
+        s = self.setup
+        one = make_condition(
+            s.inner_loss, s.opt, s.hyperparams, has_buffers=s.has_buffers, batch_at=self.batch_at
+        )
+        dims = (self.dims["aux"], self.dims["hyperparams"], self.dims["batches"])
+        options = {"randomness": self.clients.randomness, "chunk_size": self.clients.chunk_size}
+        each = vmap_trees(lambda p, b, a, h, x: (one.residual(p, b, a, h, x),), 2, dims, **options)
+        return dataclasses.replace(
+            one,
+            residual=lambda p, b, a, h, x: each(p, b, a, h, x)[0],
+            start=lambda params: self.spread(params, "params"),
         )
 
 

@@ -122,7 +122,9 @@ def make_condition(
             "inner_loss + weight_decay / 2 * |p|^2), put the decay into inner_loss, or pass "
             "hg.optim.adamw(weight_decay=0)."
         )
-    entering = ("weight_decay",) if opt.name != "adamw" and "weight_decay" in opt.hyperparams else ()
+    entering = (
+        ("weight_decay",) if opt.name != "adamw" and "weight_decay" in opt.hyperparams else ()
+    )
     return Condition(
         residual=stationarity(inner_loss, opt, has_buffers=has_buffers),
         batch_at=batch_at,

@@ -80,9 +80,7 @@ def cg(matvec: MatVec, b: PyTree, *, maxiter: int, tol: float, alpha: float = 1.
     return Solve(x, maxiter, residual, False)
 
 
-def neumann(
-    matvec: MatVec, b: PyTree, *, maxiter: int, tol: float, alpha: float = 1.0
-) -> Solve:
+def neumann(matvec: MatVec, b: PyTree, *, maxiter: int, tol: float, alpha: float = 1.0) -> Solve:
     """The truncated Neumann series ``alpha * sum_j (I - alpha A)^j b``, one product per term.
 
     Examples:

@@ -59,11 +59,13 @@ class ImplicitReport(NamedTuple):
     stationarity: float
 
 
-def _number(value: Any, name: str, *, low: float, strict: bool) -> float:
-    ok = is_number(value) and (value > low if strict else value >= low) and math.isfinite(value)
+def _number(value: Any, name: str, *, low: float, strict: bool, inf: bool = False) -> float:
+    ok = is_number(value) and (value > low if strict else value >= low)
+    ok = ok and (math.isfinite(value) or (inf and value == math.inf))
     if not ok:
         bound = f"> {low:g}" if strict else f">= {low:g}"
-        raise ValueError(f"{caller()}: {name} must be a finite number {bound}, got {value!r}.")
+        kind = "a number" if inf else "a finite number"
+        raise ValueError(f"{caller()}: {name} must be {kind} {bound}, got {value!r}.")
     return float(value)
 
 
@@ -121,7 +123,9 @@ class Implicit(Method):
         alpha: the Neumann series' step (``"neumann"`` only); below ``2 / lambda_max(H)``.
         batch: the batch of the stationarity condition (default: the last step's batch);
             with clients, stacked as the batches are.
-        stationarity: warn when ``|F(params_K)| > stationarity * |F(params_0)|``.
+        stationarity: warn when ``|F(params_K)| > stationarity * |F(params_0)|``;
+            ``float("inf")`` turns the check off (a warm start at the optimum, where training
+            has nothing left to reduce).
 
     Examples:
         Ridge regression ``min_w |X w - y|^2 / 2 + aux / 2 * |w|^2``: at its solution
@@ -168,7 +172,9 @@ class Implicit(Method):
             self.tol = _number(tol, "tol", low=0.0, strict=True)
             self.damping = _number(damping, "damping", low=0.0, strict=False)
             self.alpha = _number(alpha, "alpha", low=0.0, strict=True)
-            self.stationarity = _number(stationarity, "stationarity", low=0.0, strict=True)
+            self.stationarity = _number(
+                stationarity, "stationarity", low=0.0, strict=True, inf=True
+            )
             self.batch = batch
 
     def validate(self, problem: Problem) -> None:
@@ -302,7 +308,9 @@ def _outer_grads(
     flat, spec = optree.tree_flatten(carry.params, namespace=_tree._NAMESPACE)
     at = [x.detach().requires_grad_() for x in flat]
     with torch.enable_grad():
-        value = problem.value(Carry(optree.tree_unflatten(spec, at), carry.state, carry.buffers), aux)
+        value = problem.value(
+            Carry(optree.tree_unflatten(spec, at), carry.state, carry.buffers), aux
+        )
     grads = grad_or_none([value], at + leaves)
     cotangent = [torch.zeros_like(x) if g is None else g for x, g in zip(at, grads)]
     return value.detach(), grads[len(at) :], optree.tree_unflatten(spec, cotangent)

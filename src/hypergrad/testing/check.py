@@ -504,9 +504,7 @@ def check_hypergrad(
             method=method, wrt=wrt, **common,
         )  # fmt: skip
         asked = {
-            k: v
-            for k, v in g._asdict().items()
-            if k not in ("value", "solver") and v is not None
+            k: v for k, v in g._asdict().items() if k not in ("value", "solver") and v is not None
         }
 
         def f(x: dict[str, PyTree]) -> float:  # the outer loss after the unroll, at x
