@@ -1,4 +1,4 @@
-"""The claims of tutorials 5-8 and of the flagship demo, on their example scripts (small settings)."""
+"""The claims of tutorials 5-8, 10 and of the flagship demo, on their example scripts (small settings)."""
 
 from __future__ import annotations
 
@@ -74,3 +74,10 @@ def test_flagship_learned_penalty_beats_fedavg_on_held_out_test_loss(tmp_path):
     assert after["test_accuracy"] > before["test_accuracy"]
     assert r["strengths"].shape == (r["clients"], 2) and (r["strengths"] >= 0).all()
     assert r["strengths"].max() > 0  # the learned penalty is not FedAvg again
+
+
+def test_per_weight_decays_by_implicit_hypergradients_beat_the_best_single_decay():
+    r = run("implicit_weight_decay", meta_iterations=8)
+    assert r["hyperparameters"] == 2560 and len(r["val_loss"]) == 9
+    assert r["learned_val_loss"] < r["single_val_loss"] - 0.1
+    assert r["learned_test_loss"] < r["single_test_loss"]  # data meta-learning never saw

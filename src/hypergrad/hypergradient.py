@@ -52,7 +52,9 @@ def hypergrad(
     Methods (see each class for its cost formula): ``"reverse"`` (exact, memory O(K)),
     ``hg.Truncated(T)`` (last T steps only, biased), ``hg.Checkpointed(S)`` (exact, memory
     O(K/S + S)), ``"forward"`` / ``hg.Forward(chunk_size)`` (exact, memory independent of K,
-    one pass per differentiated scalar) and ``"first_order"`` (no second-order terms, biased).
+    one pass per differentiated scalar), ``"first_order"`` (no second-order terms, biased) and
+    ``hg.Implicit(solver)`` / ``"implicit"`` (the implicit function theorem at the trained
+    params: plain training plus a linear solve, exact at a stationary point of the inner loss).
 
     Args:
         outer_loss: ``outer_loss(params, aux, outer_batch) -> scalar``; with ``buffers`` it is
@@ -86,7 +88,8 @@ def hypergrad(
             final params. See [`hg.Clients`][hypergrad.Clients].
 
     Returns:
-        ``Hypergradient(value, aux, hyperparams, params)``; what was not asked is ``None``.
+        ``Hypergradient(value, aux, hyperparams, params, solver)``; what was not asked is
+        ``None`` (``solver``: ``hg.Implicit``'s report, else ``None``).
 
     Raises:
         ValueError: bad ``wrt``, a non-scalar loss, batches that run out, or a method that
@@ -98,6 +101,8 @@ def hypergrad(
         UserWarning: an ``aux`` leaf does not affect the outer loss (its hypergradient is
             identically zero); reverse-mode methods only.
         hg.CompileFallbackWarning: ``compile=True`` ran the step eagerly (names the cause).
+        hg.ImplicitWarning: with ``hg.Implicit``, the trained params are far from stationary
+            or the linear solver did not converge (gives the numbers).
 
     Examples:
         The gradient of a validation loss after 3 SGD steps with respect to a per-example

@@ -452,7 +452,9 @@ def check_hypergrad(
     whose directions could be formed does not pass. Cost: one more unroll per check.
 
     Biased methods (``"first_order"``, ``hg.Truncated(T < K)``) are expected to fail: the check
-    measures their bias.
+    measures their bias. ``hg.Implicit`` is checked against finite differences of the K-step
+    unroll, i.e. of the converged solution when the K steps converge: choose K (and the
+    solver's ``tol``) so that they do; the gap measures how far they are from it.
 
     Args:
         outer_loss: as [`hg.hypergrad`][hypergrad.hypergrad].
