@@ -300,3 +300,21 @@ def test_repr():
         repr(hg.Implicit("neumann", alpha=0.1, maxiter=5))
         == "hg.Implicit('neumann', maxiter=5, alpha=0.1)"
     )
+
+
+def test_minres_differentiates_a_saddle_where_cg_stops_on_negative_curvature():
+    g = torch.Generator().manual_seed(4)
+    Q = torch.linalg.qr(torch.randn(6, 6, generator=g, dtype=F64))[0]
+    A = Q @ torch.diag(torch.tensor([-2.0, -1.0, 0.5, 1.0, 3.0, 5.0], dtype=F64)) @ Q.T
+    b = torch.randn(6, generator=g, dtype=F64)
+    saddle = lambda p, a, _: p["w"] @ A @ p["w"] / 2 - a @ p["w"]  # noqa: E731
+    outer = lambda p, a, _: (p["w"] ** 2).sum()  # noqa: E731
+    at = {"w": torch.linalg.solve(A, b)}  # the stationary point, a saddle; lr=0: stay there
+    common = dict(outer_loss=outer, inner_loss=saddle, params=at, opt=hg.optim.sgd(lr=0.0),
+                  batches=torch.zeros(1, 1), outer_batch=None, aux=b)  # fmt: skip
+    off = {"stationarity": float("inf"), "tol": 1e-12}
+    got = hg.hypergrad(**common, method=hg.Implicit("minres", **off))
+    exact = torch.func.grad(lambda a: outer({"w": torch.linalg.solve(A, a)}, a, None))(b)
+    assert got.solver.converged and torch.allclose(got.aux, exact, rtol=1e-9)
+    with pytest.warns(hg.ImplicitWarning, match="negative curvature.*solver='minres'"):
+        hg.hypergrad(**common, method=hg.Implicit(**off))
