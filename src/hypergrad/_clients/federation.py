@@ -45,7 +45,10 @@ class Clients:
     sees in [`hg.unroll`][hypergrad.unroll] (its params, its batch, ``aux``); the outer loss of
     [`hg.hypergrad`][hypergrad.hypergrad] is server-side: it receives the aggregate of the final
     client params (with buffers, ``outer_loss(server_params, aux, outer_batch,
-    server_buffers)``). Every method works. [`hg.clients.unroll`][hypergrad.clients.unroll] and
+    server_buffers)``). Every method works; ``hg.Implicit`` solves every client's stationarity
+    condition at its own final params and takes the server's gradient back through the
+    aggregation (earlier rounds do not matter at the optimum).
+    [`hg.clients.unroll`][hypergrad.clients.unroll] and
     [`hg.clients.hypergrad`][hypergrad.clients.hypergrad] are the same calls with these options
     as keywords.
 
