@@ -318,3 +318,29 @@ def test_minres_differentiates_a_saddle_where_cg_stops_on_negative_curvature():
     assert got.solver.converged and torch.allclose(got.aux, exact, rtol=1e-9)
     with pytest.warns(hg.ImplicitWarning, match="negative curvature.*solver='minres'"):
         hg.hypergrad(**common, method=hg.Implicit(**off))
+
+
+def test_clients_with_buffers_and_chunks_equal_the_unroll_at_convergence():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.BatchNorm1d(3), nn.Linear(3, 1)).double()
+    params, buffers = hg.stack([model] * 4)
+
+    def inner(p, a, b, bufs):
+        out, new = hg.call(model, p, b[0], buffers=bufs, return_buffers=True)
+        return ((out - b[1]) ** 2).mean() + a * sum((w**2).sum() for w in p.values()), new
+
+    def outer(p, a, b, bufs):
+        return ((hg.call(model, p, b[0], buffers=bufs) - b[1]) ** 2).mean()
+
+    g = torch.Generator().manual_seed(6)
+    x, y = (
+        torch.randn(4, 16, 3, generator=g, dtype=F64),
+        torch.randn(4, 16, 1, generator=g, dtype=F64),
+    )
+    common = dict(outer_loss=outer, inner_loss=inner, params=params,
+                  opt=hg.optim.sgd(lr=0.1, momentum=0.5), batches=full_batch((x, y), 300),
+                  outer_batch=(x[0], y[0]), aux=torch.tensor(0.5, dtype=F64), buffers=buffers,
+                  chunk_size=2)  # fmt: skip
+    implicit = hg.clients.hypergrad(**common, method=hg.Implicit(tol=1e-10))
+    unrolled = hg.clients.hypergrad(**common, method=hg.Checkpointed(30))
+    assert torch.allclose(implicit.aux, unrolled.aux, rtol=1e-6)
