@@ -344,3 +344,20 @@ def test_clients_with_buffers_and_chunks_equal_the_unroll_at_convergence():
     implicit = hg.clients.hypergrad(**common, method=hg.Implicit(tol=1e-10))
     unrolled = hg.clients.hypergrad(**common, method=hg.Checkpointed(30))
     assert torch.allclose(implicit.aux, unrolled.aux, rtol=1e-6)
+
+
+def test_the_condition_batch_is_the_last_steps_unless_given():
+    train, val = ridge_data()
+    half = tuple(t[:15] for t in train)
+    quad = lambda p, lam, b: ((b[0] @ p["w"] - b[1]) ** 2).sum() / 2 + lam / 2 * (p["w"] ** 2).sum()  # noqa: E731
+    lam = torch.tensor(2.0, dtype=F64)
+    common = dict(outer_loss=ridge_outer, inner_loss=quad, params={"w": torch.zeros(5, dtype=F64)},
+                  opt=hg.optim.sgd(lr=0.01, momentum=0.5), outer_batch=val, aux=lam, steps=400)  # fmt: skip
+    with pytest.warns(hg.ImplicitWarning, match="stationary"):  # the default: the last batch
+        hg.hypergrad(**common, batches=lambda k: half if k == 399 else train, method=hg.Implicit())
+    with pytest.warns(hg.ImplicitWarning, match="stationary"):  # optimal for train, not half
+        hg.hypergrad(**common, batches=lambda k: train, method=hg.Implicit(batch=half))
+    got = hg.hypergrad(**common, batches=lambda k: half if k == 0 else train,
+                       method=hg.Implicit(tol=1e-10, batch=train))  # fmt: skip
+    ones = {"lam": lam, "weights": torch.ones(30, dtype=F64)}
+    assert_close({"lam": got.aux}, {"lam": ridge_exact(ones, train, val)["lam"]}, 1e-7)
