@@ -263,11 +263,12 @@ def federate(setup: Setup, clients: Clients) -> Federation:
     }
     step = vmapped_step(
         setup.inner_loss, setup.opt, setup.has_buffers, setup.first_order, dims,
-        setup.step_inner_grad, **vmap,
+        setup.step_inner_grad, setup.math_attention, **vmap,
     )  # fmt: skip
     if setup.compile is not None:  # the vmapped step (torch.func inside) compiled
         key = step_key(setup.inner_loss, setup.opt, has_buffers=setup.has_buffers,
-                       first_order=setup.first_order, clients=repr(dims), vmap=tuple(vmap.values()))  # fmt: skip
+                       first_order=setup.first_order, clients=repr(dims), vmap=tuple(vmap.values()),
+                       math=setup.math_attention)  # fmt: skip
         step = compile_step(step, compile=setup.compile, key=key, steps=total // rounds)
     init_one = vmap_trees(
         lambda p, h: (setup.opt.init(p, hyperparams=h),), 1, (dims["hyperparams"],), **vmap
