@@ -267,8 +267,7 @@ def federate(setup: Setup, clients: Clients) -> Federation:
     )  # fmt: skip
     if setup.compile is not None:  # the vmapped step (torch.func inside) compiled
         key = step_key(setup.inner_loss, setup.opt, has_buffers=setup.has_buffers,
-                       first_order=setup.first_order, clients=repr(dims), vmap=tuple(vmap.values()),
-                       math=setup.math_attention)  # fmt: skip
+                       first_order=setup.first_order, clients=repr(dims), vmap=tuple(vmap.values()))  # fmt: skip
         step = compile_step(step, compile=setup.compile, key=key, steps=total // rounds)
     init_one = vmap_trees(
         lambda p, h: (setup.opt.init(p, hyperparams=h),), 1, (dims["hyperparams"],), **vmap

@@ -16,7 +16,8 @@ run steps they do not differentiate); with ``first_order=True`` the inner gradie
 A step whose inner gradient may be differentiated (it records a meta-graph, or runs inside a
 torch.func transform) runs scaled-dot-product attention through its math backend, which has
 the double-backward and forward-mode rules the fused kernels lack
-(``hypergrad._engine.kernels``); ``math_attention=True`` makes every step do so.
+(``hypergrad._engine.kernels``); ``math_attention=True`` makes every step do so, as does a
+compiled step unless ``first_order``.
 """
 
 from __future__ import annotations
@@ -146,6 +147,9 @@ def make_step(
     check_inner_grad(inner_grad)
     if compile is not None:
         inner_grad = "func"  # torch.autograd.grad inside torch.compile breaks the graph
+        # one compiled graph serves hg.unroll and hg.hypergrad: it selects the math backend
+        # whenever the inner gradient is not detached (inductor compiles it)
+        math_attention = not first_order
 
     def loss_fn(params: PyTree, aux: PyTree, batch: Any, buffers: PyTree) -> Any:
         return _call_inner(inner_loss, has_buffers, params, aux, batch, buffers)
@@ -199,9 +203,7 @@ def make_step(
 
     if compile is None:
         return step
-    key = step_key(
-        inner_loss, opt, has_buffers=has_buffers, first_order=first_order, math=math_attention
-    )
+    key = step_key(inner_loss, opt, has_buffers=has_buffers, first_order=first_order)
     return compile_step(step, compile=compile, key=key, steps=steps)
 
 
