@@ -315,18 +315,21 @@ class TinyTransformer(nn.Module):
         return F.linear(self.norm(h), self.embed.weight)  # tied: logits over the vocabulary
 
 
-def lm_problem(dropout: float = 0.0, clients: int = 0) -> dict[str, Any]:
+def lm_problem(
+    dropout: float = 0.0, clients: int = 0, dtype: torch.dtype = DT, device: str = "cpu"
+) -> dict[str, Any]:
     """Next-token prediction, per-example weights (aux) on the inner loss; outer: clean loss."""
     torch.manual_seed(0)
-    model = TinyTransformer(dropout=dropout).to(DT)
+    model = TinyTransformer(dropout=dropout).to(dtype)
     if clients:
-        params, _ = hg.stack([TinyTransformer(dropout=dropout).to(DT) for _ in range(clients)])
+        params, _ = hg.stack([TinyTransformer(dropout=dropout).to(dtype) for _ in range(clients)])
     else:
         params, _ = hg.split(model)
+    params = hg.tree.map(lambda x: x.to(device), params)
     tokens = (
         torch.randint(0, 7, (K, clients or 1, 4, 6)) if clients else torch.randint(0, 7, (K, 4, 6))
-    )
-    held_out = torch.randint(0, 7, (4, 6))
+    ).to(device)
+    held_out = torch.randint(0, 7, (4, 6)).to(device)
 
     def loss(p, x, weights=None):
         logits = hg.call(model, p, x[:, :-1])
@@ -341,7 +344,7 @@ def lm_problem(dropout: float = 0.0, clients: int = 0) -> dict[str, Any]:
 
     return {
         "args": (outer, inner, params, hg.optim.adam(lr=0.05), tokens, held_out),
-        "kw": {"aux": torch.zeros(4, dtype=DT), "wrt": ("aux", "lr"), "seed": 0},
+        "kw": {"aux": torch.zeros(4, dtype=dtype, device=device), "wrt": ("aux", "lr"), "seed": 0},
     }
 
 
