@@ -50,7 +50,9 @@ def split(module: nn.Module, /) -> tuple[Params, Params]:
         False
     """
     with entered("hg.split"):
-        _check_module(module, "params, buffers = hg.split(model) (for a list of models, hg.stack(models))")
+        _check_module(
+            module, "params, buffers = hg.split(model) (for a list of models, hg.stack(models))"
+        )
     params = {k: v.detach().clone() for k, v in module.named_parameters()}
     buffers = {k: v.detach().clone() for k, v in module.named_buffers()}
     return params, buffers
