@@ -60,7 +60,7 @@ def _first_op(fn: Callable[..., Any], args: tuple[Any, ...]) -> str | None:
     try:
         with torch.no_grad(), recorder:
             fn(*copies)
-    except Exception:  # noqa: BLE001 - the replay only looks for the op's name
+    except Exception:
         pass
     return recorder.ops[0] if recorder.ops else None
 

@@ -16,10 +16,9 @@ run steps they do not differentiate); with ``first_order=True`` the inner gradie
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
-
-import warnings
 
 import optree
 import torch

@@ -19,10 +19,20 @@ from typing import Any
 
 import torch
 
-from hypergrad._boundary import caller, entered
+from hypergrad._boundary import caller, entered, is_number
+from hypergrad.optim._hyper import check_forms
 from hypergrad.tree import PyTree
 
 __all__ = ["Optimizer"]
+
+
+def _numbers(value: Any) -> bool:
+    """Whether a hyperparameter holds only Python numbers (no tensor)."""
+    if isinstance(value, tuple):
+        return all(_numbers(v) for v in value)
+    if isinstance(value, Mapping):
+        return all(_numbers(v) for v in value.values())
+    return is_number(value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,9 +95,11 @@ class Optimizer:
     def merged(self, hyperparams: Mapping[str, Any] | None) -> Mapping[str, Any]:
         """The hyperparameters with ``hyperparams``' replacements, checked as the constructor.
 
-        The values are checked as ``hg.optim.<family>(...)`` checks them (forms and ranges,
-        where a tensor's values can be read: not under a ``torch.func`` transform or
-        ``torch.compile``), so a negative learning rate is refused here too.
+        Replacements that are numbers (floats, tuples or per-parameter dicts of floats) are
+        checked as ``hg.optim.<family>(...)`` checks them, so a negative learning rate is refused
+        here too. Tensor replacements are checked for their form only: they are differentiable
+        inputs, which a finite-difference check or a line search may step just outside the
+        range (a learning rate of ``-1e-6`` near 0).
 
         Raises:
             ValueError: ``hyperparams`` is not a dict, names an unknown hyperparameter, or
@@ -118,7 +130,9 @@ class Optimizer:
             )
         merged = {**self.hyperparams, **hyperparams}
         if self.check_fn is not None:
-            self.check_fn(merged, self.options)
+            numbers = {k: v for k, v in hyperparams.items() if _numbers(v)}
+            self.check_fn({**self.hyperparams, **numbers}, self.options)
+            check_forms({k: v for k, v in hyperparams.items() if k not in numbers})
         return merged
 
     def tensor_hyperparams(
