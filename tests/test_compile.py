@@ -245,7 +245,8 @@ THOROUGH_ONLY = pytest.mark.skipif(
 
 def entries_of(inner_loss):
     """The cached compiled steps of ``inner_loss``, least recently used first."""
-    return [e for key, e in _compile._CACHE.items() if key[0][0] is inner_loss]
+    own = _compile._loss_key(inner_loss)  # by code and closure
+    return [e for key, e in _compile._CACHE.items() if key[0][0] == own]
 
 
 def several_inner(p, aux, batch):

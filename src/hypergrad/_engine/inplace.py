@@ -44,7 +44,7 @@ class _InPlaceOps(TorchFunctionMode):
         super().__init__()
         self.ops: list[str] = []
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+    def __torch_function__(self, func, types, args=(), kwargs=None):
         name = getattr(func, "__name__", "")
         if name.startswith("__i") and name.endswith("__"):  # __iadd__: x += y
             self.ops.append(f"{name} (an augmented assignment such as x += y)")

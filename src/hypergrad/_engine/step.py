@@ -147,7 +147,7 @@ def make_step(
             grads = _tree.detach(grads)
         return grads, loss, new_buffers
 
-    warned = []  # one warning per built step, i.e. per public call
+    warned: list[bool] = []  # one warning per built step, i.e. per public call
 
     def unused(leaves: list[torch.Tensor], grads: tuple[Any, ...]) -> list[torch.Tensor]:
         """The gradients, zeros where unused; a warning if the loss ignores every parameter."""

@@ -186,27 +186,30 @@ def check_weights(weights: Sequence[float] | torch.Tensor | None, count: int | N
     """
     if weights is None:
         return
-    is_tensor = isinstance(weights, torch.Tensor)
-    n = weights.shape[0] if is_tensor and weights.dim() else len(weights)  # type: ignore[arg-type]
-    if (is_tensor and weights.dim() != 1) or (count is not None and n != count):  # type: ignore[union-attr]
-        shape = tuple(weights.shape) if is_tensor else f"{n} items"  # type: ignore[union-attr]
+    if isinstance(weights, torch.Tensor):
+        n, shape = (weights.shape[0] if weights.dim() else 0), str(tuple(weights.shape))
+        wrong = weights.dim() != 1
+    else:
+        n, wrong = len(weights), False
+        shape = f"{n} items"
+    if wrong or (count is not None and n != count):
         raise ValueError(
             f"{caller()}: expected {count} weights (one per tree), got {shape}. "
             "Pass one weight per tree, e.g. weights=[1.0] * len(trees)."
         )
-    if is_tensor:
-        if not readable(weights):  # type: ignore[arg-type]
+    if isinstance(weights, torch.Tensor):
+        if not readable(weights):
             return
-        values = weights.detach().tolist()  # type: ignore[union-attr]
+        values = [float(w) for w in weights.detach().tolist()]
     else:
-        values = [float(w) for w in weights]  # type: ignore[union-attr]
+        values = [float(w) for w in weights]
     for i, w in enumerate(values):
         if not w >= 0:
             raise ValueError(
                 f"{caller()}: weight {i} is {w}; weights must be non-negative (they are "
                 "normalised to sum to one). Pass e.g. each client's number of examples."
             )
-    if not is_tensor and sum(values) == 0.0:
+    if not isinstance(weights, torch.Tensor) and sum(values) == 0.0:
         raise ValueError(
             f"{caller()}: the weights sum to zero, so they cannot be normalised. "
             "Pass non-negative weights with a positive sum."
