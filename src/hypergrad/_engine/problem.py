@@ -27,6 +27,7 @@ from typing import Any, NamedTuple
 import torch
 
 from hypergrad._boundary import caller
+from hypergrad._engine.inplace import explained, is_in_place_error
 from hypergrad._engine.kernels import math_attention as _math_attention
 from hypergrad._engine.randomness import manual_seed, seeded
 from hypergrad._engine.step import StepFn
@@ -185,12 +186,19 @@ def outer_fn(
     of the call do (``hypergrad._engine.kernels``).
     """
 
-    def outer(params: PyTree, buffers: PyTree, aux: PyTree) -> torch.Tensor:
+    def call(params: PyTree, buffers: PyTree, aux: PyTree) -> Any:
         with _math_attention(math_attention):
             if has_buffers:
-                value = outer_loss(params, aux, outer_batch, buffers)
-            else:
-                value = outer_loss(params, aux, outer_batch)
+                return outer_loss(params, aux, outer_batch, buffers)
+            return outer_loss(params, aux, outer_batch)
+
+    def outer(params: PyTree, buffers: PyTree, aux: PyTree) -> torch.Tensor:
+        try:
+            value = call(params, buffers, aux)
+        except RuntimeError as error:
+            if not is_in_place_error(error):
+                raise
+            raise explained(error, "outer_loss", call, (params, buffers, aux)) from error
         if not isinstance(value, torch.Tensor) or value.dim() != 0:
             got = (
                 f"shape {tuple(value.shape)}"
