@@ -29,6 +29,7 @@ from hypergrad._engine.randomness import rng_devices
 from hypergrad._engine.step import StepFn, multi_step
 from hypergrad._front import Setup, no_outer
 from hypergrad.tree import PyTree
+from hypergrad.tree._base import check_weights
 
 __all__ = ["Clients", "Federation", "federate"]
 
@@ -111,6 +112,7 @@ class Clients:
         positive_int(
             self.chunk_size, "chunk_size", "(clients per chunk)", none="(all clients at once)"
         )
+        check_weights(self.weights, None)
 
     def total_steps(self, steps: int | None) -> int | None:
         """The steps over all rounds, from K local steps per round (``None``: from the batches)."""
@@ -283,7 +285,7 @@ def federate(setup: Setup, clients: Clients) -> Federation:
     }
     step = vmapped_step(
         setup.inner_loss, setup.opt, setup.has_buffers, setup.first_order, dims,
-        setup.step_inner_grad, **vmap,
+        setup.step_inner_grad, setup.math_attention, **vmap,
     )  # fmt: skip
     if setup.compile is not None:  # the vmapped step (torch.func inside) compiled
         key = step_key(setup.inner_loss, setup.opt, has_buffers=setup.has_buffers,

@@ -39,7 +39,7 @@ class StackedOptimizer:
         self._opt = opt
         self._direct = opt.elementwise and all(d is None for d in hp_dims.values())
         self._update = vmap_trees(
-            lambda p, g, s, h: opt.step(p, g, s, hyperparams=h), 3, (hp_dims,), **options
+            lambda p, g, s, h: opt.update(p, g, s, h), 3, (hp_dims,), **options
         )
 
     def _uniform_step(self, state: Any) -> torch.Tensor | None:
@@ -55,12 +55,16 @@ class StackedOptimizer:
         if self._direct and all(_scalar_hp(v) for v in hyperparams.values()):
             step = self._uniform_step(state)
             if step is not None:
-                new_params, new_state = self._opt.step(
-                    params, grads, state._replace(step=step), hyperparams=hyperparams
+                new_params, new_state = self._opt.update(
+                    params, grads, state._replace(step=step), hyperparams
                 )
                 clients = state.step.shape[0]
                 return new_params, new_state._replace(step=new_state.step.expand(clients))
         return self._update(params, grads, state, hyperparams)
+
+    def update(self, params, grads, state, hyperparams):
+        """The engine's name for a step with checked hyperparameters (``Optimizer.update``)."""
+        return self.step(params, grads, state, hyperparams=hyperparams)
 
 
 def vmapped_step(
@@ -70,6 +74,7 @@ def vmapped_step(
     first_order: bool,
     dims: dict,
     inner_grad: str,
+    math_attention: bool = False,
     **options: Any,
 ) -> Callable[..., tuple[PyTree, PyTree, PyTree, torch.Tensor]]:
     """``step(params, state, buffers, aux, hp, batch)`` over stacked clients.
@@ -80,11 +85,13 @@ def vmapped_step(
     client ``c``'s params only, so the gradient of the sum is each client's own gradient),
     and the optimizer update is vmapped. Same numbers; the second records a much lighter
     meta-graph (plain batched ops instead of functorch's wrappers). ``"auto"`` picks
-    ``"func"`` inside a torch.func transform, else ``"autograd"``.
+    ``"func"`` inside a torch.func transform, else ``"autograd"``. ``math_attention``: as for
+    the engine's ``make_step``.
     """
     in_dims = (dims["aux"], dims["hyperparams"], dims["batches"])
     single = make_step(
         inner_loss, opt, has_buffers=has_buffers, inner_grad="func", first_order=first_order,
+        math_attention=math_attention,
     )  # fmt: skip
     by_func = vmap_trees(single, 3, in_dims, **options)
 
@@ -109,6 +116,7 @@ def vmapped_step(
     by_autograd = make_step(
         total, StackedOptimizer(opt, dims["hyperparams"], **options),  # type: ignore[arg-type]
         has_buffers=has_buffers, inner_grad="autograd", first_order=first_order,
+        math_attention=math_attention,
     )  # fmt: skip
 
     def step(p, s, b, a, h, batch):

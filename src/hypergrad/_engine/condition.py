@@ -25,6 +25,7 @@ import optree
 import torch
 
 from hypergrad import tree as _tree
+from hypergrad._engine.kernels import math_attention
 from hypergrad._engine.step import _call_inner
 from hypergrad.optim._base import Optimizer
 from hypergrad.optim._hyper import is_zero, resolve
@@ -71,7 +72,9 @@ def stationarity(inner_loss: Callable[..., Any], opt: Optimizer, *, has_buffers:
     """``F(params, buffers, aux, hyperparams, batch)``: the gradient the optimizer steps along.
 
     With buffers, ``inner_loss`` is called with the given (final) buffers and the buffers it
-    returns are dropped: they are held constant.
+    returns are dropped: they are held constant. Attention runs through its math backend: a
+    Hessian-vector product is a forward-mode derivative of the gradient, which torch's fused
+    attention kernels lack (``hypergrad._engine.kernels``).
 
     Examples:
         >>> F = stationarity(lambda p, a, x: ((p["w"] - x) ** 2).sum(),
@@ -88,7 +91,8 @@ def stationarity(inner_loss: Callable[..., Any], opt: Optimizer, *, has_buffers:
         def loss(p: PyTree) -> torch.Tensor:
             return _call_inner(inner_loss, has_buffers, p, aux, batch, buffers)[0]
 
-        grads = torch.func.grad(loss)(params)
+        with math_attention():
+            grads = torch.func.grad(loss)(params)
         if sign < 0:
             grads = _tree.scale(grads, sign)
         decay = hyperparams.get("weight_decay", 0) if l2 else 0

@@ -19,15 +19,18 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from hypergrad import tree as _tree
-from hypergrad._boundary import caller, entered
+from hypergrad._boundary import caller, entered, is_number
 from hypergrad._engine.batches import Batches
+from hypergrad._engine.checks import check_opt
+from hypergrad._engine.kernels import math_attention
 from hypergrad._engine.problem import outer_fn
 from hypergrad._engine.randomness import rng_devices, seeded
 from hypergrad.hypergradient import Hypergradient, hypergrad, map_hyper
-from hypergrad.methods import Method
+from hypergrad.methods import Method, resolve
 from hypergrad.optim._base import Optimizer
 from hypergrad.trajectory import unroll
 from hypergrad.tree import PyTree
+from hypergrad.tree._base import check_alike
 
 __all__ = [
     "DirectionCheck",
@@ -387,6 +390,9 @@ def finite_difference(
         >>> finite_difference(f, torch.tensor(1.0, dtype=torch.float64), v)
         FiniteDifference(value=nan, formula='kink')
     """
+    with entered("hg.testing.finite_difference"):
+        check_alike([x, v])
+        _check_eps(eps)
     evaluate = _evaluator(f, kink_aware)
 
     def point(t: float) -> _Point:
@@ -394,6 +400,14 @@ def finite_difference(
 
     with torch.no_grad():
         return _directional(point, eps)
+
+
+def _check_eps(eps: Any) -> None:
+    if not is_number(eps) or not eps > 0:
+        raise ValueError(
+            f"{caller()}: eps must be a positive number (the finite-difference step), got "
+            f"{eps!r}. Pass e.g. eps=1e-5 for float64."
+        )
 
 
 def _double_leaf(x: Any) -> Any:
@@ -495,6 +509,8 @@ def check_hypergrad(
     with entered("hg.testing.check_hypergrad"):
         if directions < 1:
             raise ValueError(f"{caller()}: directions must be >= 1, got {directions}.")
+        _check_eps(eps)
+        check_opt(opt)
         params, aux, buffers = _double(params), _double(aux), _double(buffers)
         outer_batch = _double(outer_batch)
         batch_fn, steps = _double_batches(batches, steps)
@@ -509,12 +525,17 @@ def check_hypergrad(
             k: v for k, v in g._asdict().items() if k not in ("value", "solver") and v is not None
         }
 
+        # attention's kernel as in the method's steps: the same dropout masks (_engine.kernels)
+        math = not resolve(method).first_order
+
         def f(x: dict[str, PyTree]) -> float:  # the outer loss after the unroll, at x
             hyper = {**hp, **x.get("hyperparams", {})}
             x_aux = x.get("aux", aux)
-            traj = unroll(inner_loss, x.get("params", params), opt, batch_fn, hyperparams=hyper,
-                          check_finite=False, **{**common, "aux": x_aux})  # fmt: skip
-            outer = outer_fn(outer_loss, outer_batch, buffers is not None)
+            with math_attention(math):
+                traj = unroll(inner_loss, x.get("params", params), opt, batch_fn,
+                              hyperparams=hyper, check_finite=False,
+                              **{**common, "aux": x_aux})  # fmt: skip
+            outer = outer_fn(outer_loss, outer_batch, buffers is not None, math_attention=math)
             with seeded(seed + steps, rng_devices(params)):  # as Problem.value
                 return float(outer(traj.params, traj.buffers, x_aux))
 
