@@ -266,6 +266,7 @@ ERRORS = [
     (lambda: hg.Implicit(damping=-1.0), r"hg\.Implicit: damping must be a finite number >= 0"),
     (lambda: hg.Implicit(alpha=float("inf")), r"hg\.Implicit: alpha must be a finite number > 0"),
     (lambda: hg.Implicit(stationarity=0), r"hg\.Implicit: stationarity must be a number > 0"),
+    (lambda: hg.Implicit(hvp="both"), r"hg\.Implicit: hvp must be 'reverse' .* or 'forward'"),
     (lambda: hg.hypergrad(method="implicitt", **ridge_args()), r"'implicit', hg\.Truncated"),
     (lambda: hg.hypergrad(method=hg.Implicit(), wrt=("aux", "lr", "momentum"), **ridge_args()),
      r"hg\.hypergrad: hg\.Implicit\(\) has no gradient with respect to lr, momentum: they decide "
@@ -300,6 +301,7 @@ def test_repr():
         repr(hg.Implicit("neumann", alpha=0.1, maxiter=5))
         == "hg.Implicit('neumann', maxiter=5, alpha=0.1)"
     )
+    assert repr(hg.Implicit(hvp="forward")) == "hg.Implicit(hvp='forward')"
 
 
 def test_minres_differentiates_a_saddle_where_cg_stops_on_negative_curvature():
@@ -361,3 +363,11 @@ def test_the_condition_batch_is_the_last_steps_unless_given():
                        method=hg.Implicit(tol=1e-10, batch=train))  # fmt: skip
     ones = {"lam": lam, "weights": torch.ones(30, dtype=F64)}
     assert_close({"lam": got.aux}, {"lam": ridge_exact(ones, train, val)["lam"]}, 1e-7)
+
+
+@pytest.mark.parametrize("solver", ["cg", "minres"])
+def test_forward_over_reverse_products_give_the_same_numbers(solver):
+    reverse, exact = ridge(hg.Implicit(solver, tol=1e-10))
+    forward, _ = ridge(hg.Implicit(solver, tol=1e-10, hvp="forward"))
+    assert_close(forward.aux, exact, 1e-7)
+    assert_close(forward.aux, reverse.aux, 1e-9)
