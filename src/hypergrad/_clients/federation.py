@@ -17,9 +17,18 @@ from typing import Any
 
 import torch
 
+from hypergrad import tree as _tree
 from hypergrad._boundary import caller, entered, positive_int
 from hypergrad._clients.aggregation import broadcast, fedavg
 from hypergrad._clients.dims import count_clients, resolve_in_dims
+from hypergrad._clients.ranks import (
+    Ranks,
+    check_process_group,
+    describe,
+    fedavg_share,
+    same_call,
+    sum_ranks,
+)
 from hypergrad._clients.step import vmapped_step
 from hypergrad._clients.vmap import guarded, vmap_trees
 from hypergrad._engine.compile import compile_step, step_key
@@ -66,6 +75,14 @@ class Clients:
             it is vmap's ``chunk_size``, which bounds each step's working memory.
         randomness: as in ``torch.func.vmap``: ``"error"``, ``"different"`` or ``"same"`` (with
             chunks, each chunk draws its own numbers).
+        process_group: a ``torch.distributed`` process group (e.g.
+            ``torch.distributed.group.WORLD``): each rank passes only its own clients (stacked,
+            any number per rank) and their batches, and makes the same call; aggregation spans
+            every rank and every rank returns the result of one process holding all the clients.
+            ``weights`` are then the rank's own clients' weights; a custom ``aggregate`` returns
+            the rank's *share* of the server, which hypergrad sums over the ranks. Reverse-mode
+            methods and ``"forward"`` (shared inputs only) work; see the concepts page
+            "Many processes".
 
     Examples:
         Three clients pull their weight towards their own target plus a shared offset ``aux``;
@@ -87,6 +104,7 @@ class Clients:
     weights: Sequence[float] | torch.Tensor | None = None
     chunk_size: int | None = None
     randomness: str = "error"
+    process_group: Any = None
 
     def __post_init__(self) -> None:
         with entered("hg.Clients"):
@@ -107,6 +125,7 @@ class Clients:
         positive_int(
             self.chunk_size, "chunk_size", "(clients per chunk)", none="(all clients at once)"
         )
+        check_process_group(self.process_group)
 
     def total_steps(self, steps: int | None) -> int | None:
         """The steps over all rounds, from K local steps per round (``None``: from the batches)."""
@@ -131,6 +150,9 @@ class Federation:
         multi: its compiled multi-step, or ``None``.
         init: ``init(params, hyperparams)``, a fresh stacked optimizer state.
         aggregate: ``aggregate(stacked_tree) -> tree``, the server of a round.
+        share: ``share(stacked_tree) -> tree``, this rank's share of the server (the sum over
+            ranks of the shares is ``aggregate``; without a process group, ``aggregate``).
+        ranks: the process group's ranks, or ``None`` for one process.
         by_chunk: whether the hypergradient is taken chunk by chunk (``hypergrad._clients.chunks``).
     """
 
@@ -143,6 +165,8 @@ class Federation:
     multi: Any
     init: Callable[[PyTree, Mapping[str, Any]], PyTree]
     aggregate: Callable[[PyTree], PyTree]
+    share: Callable[[PyTree], PyTree]
+    ranks: Ranks | None
     by_chunk: bool
 
     @property
@@ -218,6 +242,7 @@ class Federation:
             multi=None
             if self.multi is None
             else _WithinRounds(self.multi, self.steps, self.prelude),
+            agree=None if self.ranks is None else self.ranks.any,
         )
 
 
@@ -256,7 +281,9 @@ def federate(setup: Setup, clients: Clients) -> Federation:
         setup.source.at(0),
     )  # fmt: skip
     how = setup.method
-    by_chunk = clients.chunk_size is not None and how is not None and how.reverse_mode
+    ranks = None if clients.process_group is None else Ranks(clients.process_group)
+    reverse = how is not None and how.reverse_mode
+    by_chunk = reverse and (clients.chunk_size is not None or ranks is not None)
     vmap = {
         "chunk_size": None if by_chunk else clients.chunk_size,
         "randomness": clients.randomness,
@@ -281,6 +308,60 @@ def federate(setup: Setup, clients: Clients) -> Federation:
         step=guarded(step),
         multi=multi_step(step),
         init=lambda p, h: init_one(p, h)[0],
-        aggregate=clients.aggregator(),
+        **_aggregation(setup, clients, dims, count, total // rounds, ranks),
+        ranks=ranks,
         by_chunk=by_chunk,
     )
+
+
+def _aggregation(
+    setup: Setup, clients: Clients, dims: dict, count: int, steps: int, ranks: Ranks | None
+) -> dict[str, Callable[[PyTree], PyTree]]:
+    """``aggregate`` and ``share``: one process's, or the sum over ranks of each rank's share
+    (after checking that every rank makes the same call)."""
+    if ranks is None:
+        return {"aggregate": clients.aggregator(), "share": clients.aggregator()}
+    _check_forward(setup, dims)
+    weights = clients.weights
+    fingerprint = {
+        "the call": caller(),
+        "method": repr(setup.method),
+        "wrt": repr((setup.targets, setup.hyper_names)),
+        "K (local steps per round)": str(steps),
+        "rounds": str(clients.rounds),
+        "params": describe(setup.params, dims["params"]),
+        "buffers": describe(setup.buffers, dims["buffers"]),
+        "aux": describe(setup.aux, dims["aux"]),
+        "in_dims": repr(dims),
+        "the aggregation": "aggregate="
+        if clients.aggregate
+        else f"FedAvg, weights={weights is not None}",
+        "randomness": clients.randomness,
+        "check_finite": str(setup.check_finite),
+    }
+    local = count if weights is None else float(torch.as_tensor(weights).sum())
+    total = same_call(ranks, fingerprint, local)
+    share = clients.aggregate or functools.partial(
+        fedavg_share, weights=weights, total=total, rank=ranks.rank
+    )
+    return {"aggregate": lambda tree: sum_ranks(ranks, share(tree)), "share": share}
+
+
+def _check_forward(setup: Setup, dims: dict) -> None:
+    """Forward mode over ranks pushes the same directions on every rank: shared inputs only."""
+    how = setup.method
+    if how is None or how.reverse_mode:
+        return
+    stacked = []
+    if "aux" in setup.targets and 0 in _tree.leaves(dims["aux"]):
+        stacked.append("aux")
+    if "params" in setup.targets and dims["params"] == 0:
+        stacked.append("params")
+    stacked += [n for n in setup.hyper_names if dims["hyperparams"].get(n) == 0]
+    if stacked:
+        raise ValueError(
+            f"{caller()}: method={how!r} with process_group differentiates only inputs shared "
+            f"by every client, but {', '.join(stacked)} has a client dimension (each rank holds "
+            "different clients, so their directions differ). Use method='reverse' (or "
+            "hg.Checkpointed), or differentiate shared inputs only."
+        )

@@ -67,6 +67,9 @@ class Problem:
             ``initial_accumulator_value``, or exist only for tensor ones, e.g. SGD's momentum).
         multi: a multi-step that runs several steps per call (the compiled path, see
             ``run_steps``), or ``None``: one ``step`` call per step.
+        agree: for a problem spread over processes, ``agree(flag)`` tells whether ``flag``
+            holds in any of them (every process calls it at the same point); ``None`` for one
+            process. The finite check uses it so that every process replays together.
     """
 
     step: StepFn
@@ -85,6 +88,7 @@ class Problem:
     on_step: Callable[[], None] | None = None
     init: Callable[[PyTree, Mapping[str, Any]], PyTree] | None = None
     multi: Any = None
+    agree: Callable[[bool], bool] | None = None
 
     def inputs(self) -> dict[str, PyTree]:
         """The trees to differentiate, keyed ``"aux"`` / ``"hyperparams"`` / ``"params"``."""
