@@ -187,6 +187,67 @@ class Checks:
         )
         close(ours.aux, one.aux, "aux")
 
+    def per_client_lr(self):  # a gradient with a client dimension stays the rank's own
+        a = self.all
+        lr = torch.linspace(0.05, 0.15, self.total, dtype=torch.float64)
+        common = dict(aux=a["aux"], wrt=("aux", "lr"), rounds=R, in_dims={"hyperparams": {"lr": 0}})
+        opt = hg.optim.sgd(lr=0.1)
+        one = hg.clients.hypergrad(
+            outer, inner, a["params"], opt, a["batches"], a["val"], hyperparams={"lr": lr}, **common
+        )
+        ours = hg.clients.hypergrad(
+            outer,
+            inner,
+            self.local("params"),
+            opt,
+            self.local("batches"),
+            a["val"],
+            hyperparams={"lr": lr[self.rows]},
+            process_group=self.group,
+            **common,
+        )
+        close(ours.aux, one.aux, "aux")
+        close(ours.hyperparams["lr"], one.hyperparams["lr"][self.rows], "lr")
+
+    def buffers(self):  # a float moving average and an integer count, aggregated too
+        a = self.all
+
+        def loss(p, aux, batch, b):
+            x, _ = batch
+            new = {"m": 0.5 * b["m"] + 0.5 * x.mean(0), "n": b["n"] + 1}
+            return inner(p, aux, batch) + (p["w"] * b["m"]).sum(), new
+
+        def server_loss(server, aux, val, b):
+            return outer(server, aux, val) + (server["w"] * b["m"]).sum() * b["n"]
+
+        def bufs(c):
+            return {"m": torch.zeros(c, 3, dtype=torch.float64), "n": torch.arange(c)}
+
+        opt, kw = hg.optim.adam(lr=0.05), dict(aux=a["aux"], rounds=R, seed=0)
+        one = hg.clients.hypergrad(
+            server_loss,
+            loss,
+            a["params"],
+            opt,
+            a["batches"],
+            a["val"],
+            buffers=bufs(self.total),
+            **kw,
+        )
+        ours = hg.clients.hypergrad(
+            server_loss,
+            loss,
+            self.local("params"),
+            opt,
+            self.local("batches"),
+            a["val"],
+            buffers=mine(bufs(self.total), self.rows),
+            process_group=self.group,
+            **kw,
+        )
+        close(ours.value, one.value, "value")
+        close(ours.aux, one.aux, "aux")
+
     def unroll(self):
         a, opt = self.all, hg.optim.sgd(lr=0.1)
         one = hg.unroll(
@@ -309,27 +370,12 @@ class Checks:
 
 
 CHECKS = [
-    "reverse",
-    "reverse_adam_weights",
-    "checkpointed",
-    "truncated",
-    "first_order",
-    "chunks",
-    "forward",
-    "params_stacked",
-    "params_shared",
-    "custom_aggregate",
-    "unroll",
-    "exception_in_a_loss",
-    "nan_in_a_batch",
-    "nan_in_an_unroll",
-    "bad_argument_on_one_rank",
-    "different_rounds",
-    "different_method",
-    "different_structure",
-    "forward_refuses_stacked_inputs",
-    "still_in_step",
-]
+    "reverse", "reverse_adam_weights", "checkpointed", "truncated", "first_order", "chunks",
+    "forward", "params_stacked", "params_shared", "custom_aggregate", "per_client_lr", "buffers",
+    "unroll", "exception_in_a_loss", "nan_in_a_batch", "nan_in_an_unroll",
+    "bad_argument_on_one_rank", "different_rounds", "different_method", "different_structure",
+    "forward_refuses_stacked_inputs", "still_in_step",
+]  # fmt: skip
 
 
 def dies(rank: int) -> dict[str, str]:

@@ -193,6 +193,8 @@ class ByChunks:
                         losses[r * K + k].append(loss)
                 params, buffers = _cat([c.params for c in ends]), _cat([c.buffers for c in ends])
                 finals.append(Carry(params, None, buffers))
+                if r + 1 == fed.rounds:  # the last server is the outer loss's (in _outer)
+                    break
                 server_b = None if buffers is None else broadcast(fed.aggregate(buffers), C)
                 starts.append(Carry(broadcast(fed.aggregate(params), C), None, server_b))
         return starts, finals, torch.stack([torch.cat(step) for step in losses])

@@ -332,6 +332,7 @@ def _aggregation(
         "params": describe(setup.params, dims["params"]),
         "buffers": describe(setup.buffers, dims["buffers"]),
         "aux": describe(setup.aux, dims["aux"]),
+        "hyperparams": describe(setup.hyperparams, dims["hyperparams"]),
         "in_dims": repr(dims),
         "the aggregation": "aggregate="
         if clients.aggregate
