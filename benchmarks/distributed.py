@@ -89,7 +89,7 @@ def worker(sizes: list[int], repeats: int) -> dict:
         rows = slice(rank * share, clients if rank == world - 1 else (rank + 1) * share)
         variants = {"process group": group} if world > 1 else {"process group": group, "none": None}
         times: dict[str, list[float]] = {name: [] for name in variants}
-        for name, g in variants.items():
+        for g in variants.values():
             call(w, rows, g)  # warm-up
         for _ in range(repeats):
             for name, g in variants.items():

@@ -425,6 +425,7 @@ def main() -> None:
     with open(out, "w") as f:
         json.dump(results, f)
     if mode != "dies":
+        dist.barrier()  # every rank done before any tears the group down
         dist.destroy_process_group()
 
 

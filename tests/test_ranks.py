@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -54,15 +55,18 @@ def launch(world: int, mode: str, tmp: Path, timeout: float = 60) -> list[dict[s
         )
         for r in range(world)
     ]
-    logs = []
+    logs = finish(procs, timeout)
+    return [json.loads(o.read_text()) if o.exists() else {"log": log} for o, log in zip(outs, logs)]
+
+
+def finish(procs: list[subprocess.Popen], timeout: float) -> list[str]:
+    """Every process's output; none outlives the timeout."""
     try:
-        for p in procs:
-            logs.append(p.communicate(timeout=timeout)[0])
+        return [p.communicate(timeout=timeout)[0] for p in procs]
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
-    return [json.loads(o.read_text()) if o.exists() else {"log": log} for o, log in zip(outs, logs)]
 
 
 @pytest.fixture(scope="module", params=[2, 3], ids=["2 ranks", "3 ranks"])
@@ -74,6 +78,23 @@ def results(request, tmp_path_factory) -> list[dict[str, str]]:
 def test_every_rank(results, check):
     for rank, got in enumerate(results):
         assert got.get(check) == "ok", f"rank {rank}: {got.get(check, got.get('log'))}"
+
+
+def test_the_example_runs_under_torchrun():
+    example = Path(__file__).parents[1] / "examples" / "federated_distributed.py"
+    run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    proc = subprocess.Popen(
+        [*run, str(example), "--clients", "6"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    (log,) = finish([proc], timeout=120)
+    assert proc.returncode == 0, log
+    diff = re.search(r"max \|grad - one process's\| = (\S+)", log)
+    assert diff is not None and float(diff.group(1)) < 1e-10, log
+    assert "after 5 steps on aux" in log
 
 
 def test_a_rank_that_dies_is_reported_within_the_timeout(tmp_path):
