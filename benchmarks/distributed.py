@@ -8,7 +8,9 @@ respect to the auxiliary model. The C clients are split evenly over 1 or 2 proce
 times the same call (a barrier before each run; the call itself ends with the ranks agreeing,
 so they finish together) and rank 0 reports the median of ``--repeats`` runs after a warm-up.
 One process without a process group (``process_group=None``) is timed as well, to show what the
-collectives cost. Bytes communicated are counted by wrapping ``torch.distributed.all_reduce``
+collectives cost. On a busy machine the wall time of two processes says little (they wait for
+cores), so the CPU time of each rank's call (``time.process_time``) is reported too: the work a
+rank does, which halves with two processes when the scheme scales. Bytes communicated are counted by wrapping ``torch.distributed.all_reduce``
 and ``all_gather_object`` for one call: the payload each rank sends into the collectives,
 divided by R for a per-round figure (the collectives' own protocol overhead is not counted).
 
@@ -89,21 +91,25 @@ def worker(sizes: list[int], repeats: int) -> dict:
         rows = slice(rank * share, clients if rank == world - 1 else (rank + 1) * share)
         variants = {"process group": group} if world > 1 else {"process group": group, "none": None}
         times: dict[str, list[float]] = {name: [] for name in variants}
+        cpu: dict[str, list[float]] = {name: [] for name in variants}
         for g in variants.values():
             call(w, rows, g)  # warm-up
         for _ in range(repeats):
             for name, g in variants.items():
                 dist.barrier()
-                start = time.perf_counter()
+                start, start_cpu = time.perf_counter(), time.process_time()
                 call(w, rows, g)
                 times[name].append(time.perf_counter() - start)
+                cpu[name].append(time.process_time() - start_cpu)
         with Counter() as counter:
             grad = call(w, rows, group)
         rows_out[clients] = {
             "seconds": {name: statistics.median(ts) for name, ts in times.items()},
+            "cpu_seconds": {name: statistics.median(ts) for name, ts in cpu.items()},
             "bytes_per_round": counter.bytes / ROUNDS,
             "grad_norm": float(grad.norm()),
         }
+    dist.barrier()  # every rank done before any tears the group down
     dist.destroy_process_group()
     return rows_out if rank == 0 else {}
 
@@ -129,7 +135,7 @@ def main(sizes: list[int], repeats: int, write: bool) -> None:
     one, two = launch(1, sizes, repeats), launch(2, sizes, repeats)
     table = []
     print(f"{'C':>5} {'1 proc':>9} {'1 proc, no group':>17} {'2 procs':>9} {'speed-up':>9} "
-          f"{'KiB/round/rank (2 procs)':>25}")  # fmt: skip
+          f"{'KiB/round/rank (2 procs)':>25} {'CPU s/rank (1 -> 2)':>20}")  # fmt: skip
     for c in sizes:
         t1, t0 = one[c]["seconds"]["process group"], one[c]["seconds"]["none"]
         t2 = two[c]["seconds"]["process group"]
@@ -139,12 +145,17 @@ def main(sizes: list[int], repeats: int, write: bool) -> None:
             "one_process_no_group_s": t0,
             "two_processes_s": t2,
             "speedup": t1 / t2,
+            "cpu_s_per_rank": [
+                one[c]["cpu_seconds"]["process group"],
+                two[c]["cpu_seconds"]["process group"],
+            ],
             "bytes_per_round_per_rank": two[c]["bytes_per_round"],
             "grad_norms": [one[c]["grad_norm"], two[c]["grad_norm"]],
         }
         table.append(row)
         print(f"{c:>5} {t1:>8.3f}s {t0:>16.3f}s {t2:>8.3f}s {t1 / t2:>8.2f}x "
-              f"{row['bytes_per_round_per_rank'] / 1024:>25.1f}")  # fmt: skip
+              f"{row['bytes_per_round_per_rank'] / 1024:>25.1f} "
+              f"{row['cpu_s_per_rank'][0]:>9.3f} -> {row['cpu_s_per_rank'][1]:.3f}")  # fmt: skip
     if write:
         out = {
             "command": "python benchmarks/distributed.py",

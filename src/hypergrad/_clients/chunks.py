@@ -29,6 +29,7 @@ from hypergrad._boundary import caller
 from hypergrad._clients.aggregation import broadcast
 from hypergrad._clients.dims import leaf_dims
 from hypergrad._clients.federation import Federation
+from hypergrad._clients.ranks import sum_shared
 from hypergrad._engine.problem import Carry, Problem, run_steps
 from hypergrad._engine.randomness import seeded
 from hypergrad._engine.step import requires_grad
@@ -281,43 +282,17 @@ class ByChunks:
             if initial is not None and self.fed.dims["params"] is None:  # one shared tree
                 initial = _tree.map(lambda g: g.sum(0), initial)
             out["params"] = _fill(initial, inputs["params"])
-        out = self._across_ranks(out, problem)
-        if direct:
+        if direct:  # over ranks, divided by their number (counted_once): summed below
             flat, spec = optree.tree_flatten(out["aux"], namespace=_tree._NAMESPACE)
             out["aux"] = optree.tree_unflatten(
                 spec, [x if g is None else x + g for x, g in zip(flat, direct)]
             )
+        if self.fed.ranks is not None:
+            dims = self.fed.dims
+            of = {"aux": dims["aux"], "hyperparams": dims["hyperparams"], "params": dims["params"]}
+            out = sum_shared(self.fed.ranks, out, of)
         unused = tuple(p for p, _ in _paths(inputs) if p not in acc.used)
         return MethodResult(value.detach(), out, losses, unused)
-
-    def _across_ranks(self, grads: dict[str, PyTree], problem: Problem) -> dict[str, PyTree]:
-        """Over ranks: the gradients of inputs shared by every client summed over the ranks
-        (one all-reduce); those with a client dimension stay the rank's own."""
-        fed = self.fed
-        if fed.ranks is None:
-            return grads
-        hp = fed.dims["hyperparams"]
-        of = {
-            "aux": fed.dims["aux"],
-            "hyperparams": {n: hp[n] for n in problem.hyper_names},
-            "params": fed.dims["params"],
-        }
-        keys = list(grads)
-        dims, flats, specs = zip(*(leaf_dims(of[key], grads[key]) for key in keys))
-        where = [
-            (i, j)
-            for i, (ds, flat) in enumerate(zip(dims, flats))
-            for j, (d, x) in enumerate(zip(ds, flat))
-            if d is None and isinstance(x, torch.Tensor)
-        ]
-        summed = fed.ranks.sum([flats[i][j] for i, j in where])
-        columns = [list(flat) for flat in flats]
-        for (i, j), x in zip(where, summed):
-            columns[i][j] = x
-        return {
-            key: optree.tree_unflatten(spec, column)
-            for key, spec, column in zip(keys, specs, columns)
-        }
 
 
 def _paths(tree: PyTree) -> list[tuple[str, Any]]:

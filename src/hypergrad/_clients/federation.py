@@ -24,6 +24,7 @@ from hypergrad._clients.dims import count_clients, resolve_in_dims
 from hypergrad._clients.ranks import (
     Ranks,
     check_process_group,
+    counted_once,
     describe,
     fedavg_share,
     same_call,
@@ -149,7 +150,10 @@ class Federation:
         step: the vmapped step, for any number of clients (compiled if asked).
         multi: its compiled multi-step, or ``None``.
         init: ``init(params, hyperparams)``, a fresh stacked optimizer state.
-        aggregate: ``aggregate(stacked_tree) -> tree``, the server of a round.
+        aggregate: ``aggregate(stacked_tree) -> tree``, the server the outer loss sees.
+        boundary: the same, for the server of a round that each rank broadcasts to its own
+            clients (over ranks, its backward pass all-reduces the cotangent; else
+            ``aggregate``).
         share: ``share(stacked_tree) -> tree``, this rank's share of the server (the sum over
             ranks of the shares is ``aggregate``; without a process group, ``aggregate``).
         ranks: the process group's ranks, or ``None`` for one process.
@@ -165,6 +169,7 @@ class Federation:
     multi: Any
     init: Callable[[PyTree, Mapping[str, Any]], PyTree]
     aggregate: Callable[[PyTree], PyTree]
+    boundary: Callable[[PyTree], PyTree]
     share: Callable[[PyTree], PyTree]
     ranks: Ranks | None
     by_chunk: bool
@@ -199,8 +204,8 @@ class Federation:
         if k == 0:
             return self.spread(p, "params"), s, self.spread(b, "buffers")
         if k % self.steps == 0:
-            p = broadcast(self.aggregate(p), self.count)
-            b = broadcast(self.aggregate(b), self.count) if self.setup.has_buffers else b
+            p = broadcast(self.boundary(p), self.count)
+            b = broadcast(self.boundary(b), self.count) if self.setup.has_buffers else b
             s = self.init(p, h)
         return p, s, b
 
@@ -214,6 +219,9 @@ class Federation:
         """The outer loss on the aggregate of the clients' params (and buffers)."""
         assert self.setup.outer is not None
         server_buffers = self.aggregate(b) if self.setup.has_buffers else None
+        how = self.setup.method
+        if self.ranks is not None and how is not None and how.reverse_mode:
+            a = counted_once(a, self.dims["aux"], self.ranks)  # its ranks' gradients are summed
         return self.setup.outer(self.aggregate(p), server_buffers, a)
 
     def batch_at(self, k: int) -> Any:
@@ -282,8 +290,7 @@ def federate(setup: Setup, clients: Clients) -> Federation:
     )  # fmt: skip
     how = setup.method
     ranks = None if clients.process_group is None else Ranks(clients.process_group)
-    reverse = how is not None and how.reverse_mode
-    by_chunk = reverse and (clients.chunk_size is not None or ranks is not None)
+    by_chunk = clients.chunk_size is not None and how is not None and how.reverse_mode
     vmap = {
         "chunk_size": None if by_chunk else clients.chunk_size,
         "randomness": clients.randomness,
@@ -320,7 +327,8 @@ def _aggregation(
     """``aggregate`` and ``share``: one process's, or the sum over ranks of each rank's share
     (after checking that every rank makes the same call)."""
     if ranks is None:
-        return {"aggregate": clients.aggregator(), "share": clients.aggregator()}
+        one = clients.aggregator()
+        return {"aggregate": one, "boundary": one, "share": one}
     _check_forward(setup, dims)
     weights = clients.weights
     fingerprint = {
@@ -345,7 +353,11 @@ def _aggregation(
     share = clients.aggregate or functools.partial(
         fedavg_share, weights=weights, total=total, rank=ranks.rank
     )
-    return {"aggregate": lambda tree: sum_ranks(ranks, share(tree)), "share": share}
+    return {
+        "aggregate": lambda tree: sum_ranks(ranks, share(tree)),
+        "boundary": lambda tree: sum_ranks(ranks, share(tree), spread=True),
+        "share": share,
+    }
 
 
 def _check_forward(setup: Setup, dims: dict) -> None:

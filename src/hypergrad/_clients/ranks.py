@@ -41,14 +41,17 @@ from hypergrad._clients.dims import leaf_dims
 from hypergrad.tree import PyTree
 
 __all__ = [
+    "AcrossRanks",
     "RankFailure",
     "Ranks",
     "check_process_group",
+    "counted_once",
     "describe",
     "fedavg_share",
     "same_call",
     "spanning",
     "sum_ranks",
+    "sum_shared",
 ]
 
 
@@ -160,7 +163,9 @@ class Ranks:
             self._collective(functools.partial(dist.all_reduce, flat, group=self.group))
             flat = flat.to(device)
             for i, piece in zip(where, flat.split([p.numel() for p in parts])):
-                out[i] = piece.view(tensors[i].shape)
+                # A tensor of its own, not a view of the buffer: as the outputs of an autograd
+                # function, views of one base get wrong gradients downstream.
+                out[i] = piece.view(tensors[i].shape).clone()
         return out  # type: ignore[return-value]
 
     def sum_tree(self, tree: PyTree) -> PyTree:
@@ -191,62 +196,114 @@ def spanning(group: Any) -> Iterator[None]:
 
 
 class _SumRanks(torch.autograd.Function):
-    """The sum over ranks of replicated outputs: forward all-reduce, backward identity.
+    """The sum over ranks of every rank's share: forward all-reduce.
 
-    Its outputs (the server) are the same on every rank, and so is their cotangent (every rank
-    computes the same outer loss from them), so each rank's share receives that cotangent
-    unchanged. In forward mode the tangent is a rank's share of the tangent: it is all-reduced
-    too (by applying the function to the tangents, so that vmap's rule sees them batched).
+    Backward: the result's cotangent is handed to each rank's share either unchanged, where
+    the result is used the same way on every rank (the outer loss's server: its cotangent is
+    the same everywhere), or summed over the ranks (``spread``: a round's server, which each
+    rank broadcasts to its own clients, so each rank holds only its clients' part of the
+    cotangent). In forward mode the tangent is a rank's share of the tangent: all-reduced too
+    (by applying the function to the tangents, so that vmap's rule sees them batched).
     """
 
     @staticmethod
-    def forward(ranks: Ranks, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def forward(ranks: Ranks, spread: bool, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return tuple(ranks.sum(xs))
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: Any) -> None:
-        ctx.ranks = inputs[0]
-        ctx.like = [(x.shape, x.dtype, x.device) for x in inputs[1:]]
+        ctx.ranks, ctx.spread = inputs[0], inputs[1]
+        ctx.like = [(x.shape, x.dtype, x.device) for x in inputs[2:]]
 
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor) -> tuple:
-        return (None, *grads)
+        return (None, None, *(ctx.ranks.sum(grads) if ctx.spread else grads))
 
     @staticmethod
-    def jvp(ctx: Any, _ranks: Any, *tangents: torch.Tensor | None) -> tuple:
+    def jvp(ctx: Any, _ranks: Any, _spread: Any, *tangents: torch.Tensor | None) -> tuple:
         full = [
             torch.zeros(shape, dtype=dtype, device=device) if t is None else t
             for t, (shape, dtype, device) in zip(tangents, ctx.like)
         ]
-        return _SumRanks.apply(ctx.ranks, *full)
+        return _SumRanks.apply(ctx.ranks, False, *full)
 
     @staticmethod
-    def vmap(info: Any, in_dims: tuple, ranks: Ranks, *xs: torch.Tensor) -> tuple:
+    def vmap(info: Any, in_dims: tuple, ranks: Ranks, spread: bool, *xs: torch.Tensor) -> tuple:
         batched = [
             x.expand(info.batch_size, *x.shape) if d is None else x.movedim(d, 0)
-            for x, d in zip(xs, in_dims[1:])
+            for x, d in zip(xs, in_dims[2:])
         ]
         return tuple(ranks.sum(batched)), (0,) * len(xs)
 
 
-def sum_ranks(ranks: Ranks, tree: PyTree) -> PyTree:
-    """The sum over ranks of each floating-point leaf of ``tree`` (other leaves too, undifferentiated).
+def sum_ranks(ranks: Ranks, tree: PyTree, *, spread: bool = False) -> PyTree:
+    """The sum over ranks of each leaf of ``tree``, differentiable in its floating-point leaves.
 
-    Differentiable for a replicated result: the backward pass hands each rank's share the
-    result's cotangent unchanged (the same on every rank), and forward mode all-reduces the
-    tangent.
+    The result is the same on every rank. Its backward pass hands each rank's share the
+    result's cotangent: as it is (``spread=False``: every rank uses the result alike, so the
+    cotangent is the same everywhere) or summed over the ranks (``spread=True``: each rank
+    uses the result for its own clients). Forward mode all-reduces the tangent.
     """
     flat, spec = optree.tree_flatten(tree, namespace=_tree._NAMESPACE)
     floats = [i for i, x in enumerate(flat) if x.is_floating_point()]
     others = [i for i, x in enumerate(flat) if not x.is_floating_point()]
     out = list(flat)
     if floats:
-        for i, x in zip(floats, _SumRanks.apply(ranks, *(flat[i] for i in floats))):
+        for i, x in zip(floats, _SumRanks.apply(ranks, spread, *(flat[i] for i in floats))):
             out[i] = x
     if others:
         for i, x in zip(others, ranks.sum([flat[i] for i in others])):
             out[i] = x
     return optree.tree_unflatten(spec, out)
+
+
+def counted_once(tree: PyTree, dims: Any, ranks: Ranks) -> PyTree:
+    """``tree`` unchanged, with the gradient of its shared leaves divided by the number of ranks.
+
+    The outer loss uses ``aux`` the same way on every rank; dividing that gradient by the
+    number of ranks counts it once when the ranks' gradients of ``aux`` are all-reduced.
+
+    Examples:
+        >>> x = torch.tensor(2.0, requires_grad=True)
+        >>> class Two:
+        ...     size = 2
+        >>> y = counted_once({"a": x}, None, Two())["a"]
+        >>> y.item(), torch.autograd.grad(3 * y, x)[0].item()
+        (2.0, 1.5)
+    """
+    if tree is None:
+        return None
+    ds, flat, spec = leaf_dims(dims, tree)
+    size = ranks.size
+
+    def leaf(x: Any, d: Any) -> Any:
+        if d is not None or not isinstance(x, torch.Tensor) or not x.requires_grad:
+            return x
+        frozen = x.detach()
+        return frozen + (x - frozen) / size  # the value of x exactly; the gradient / size
+
+    return optree.tree_unflatten(spec, [leaf(x, d) for x, d in zip(flat, ds)])
+
+
+def sum_shared(ranks: Ranks, trees: dict[str, PyTree], dims: dict[str, Any]) -> dict[str, PyTree]:
+    """The leaves of ``trees[key]`` whose client dim (``dims[key]``) is ``None`` summed over
+    the ranks, in one all-reduce; the leaves with a client dimension stay this rank's own."""
+    keys = list(trees)
+    parts = [leaf_dims(_prefix(dims[key], trees[key]), trees[key]) for key in keys]
+    where = [
+        (i, j)
+        for i, (ds, flat, _) in enumerate(parts)
+        for j, (d, x) in enumerate(zip(ds, flat))
+        if d is None and isinstance(x, torch.Tensor)
+    ]
+    summed = ranks.sum([parts[i][1][j] for i, j in where])
+    columns = [list(flat) for _, flat, _ in parts]
+    for (i, j), x in zip(where, summed):
+        columns[i][j] = x
+    return {
+        key: optree.tree_unflatten(spec, column)
+        for key, (_, _, spec), column in zip(keys, parts, columns)
+    }
 
 
 def same_call(ranks: Ranks, fingerprint: dict[str, str], weight: float) -> float:
@@ -285,6 +342,33 @@ def describe(tree: PyTree, dims: Any) -> str:
         for x, d in zip(flat, ds)
     ]
     return f"{spec} [{', '.join(leaves)}]"
+
+
+def _prefix(dims: Any, tree: PyTree) -> Any:
+    """``dims`` for the keys ``tree`` has (the hyperparameters differentiated are some of all)."""
+    if isinstance(dims, dict) and isinstance(tree, dict):
+        return {k: dims[k] for k in tree}
+    return dims
+
+
+class AcrossRanks:
+    """A reverse-mode method on a problem spread over ranks, then its shared gradients summed.
+
+    Each rank's backward pass gives the gradient of its own clients' part (the round servers'
+    cotangents are all-reduced inside it, by ``sum_ranks(spread=True)``, and the outer loss's
+    direct gradient with respect to ``aux`` is divided by the number of ranks, by
+    ``counted_once``); one all-reduce of the gradients of shared inputs completes them.
+    """
+
+    def __init__(self, method: Any, ranks: Ranks, dims: dict[str, Any]) -> None:
+        self.method, self.ranks, self.dims = method, ranks, dims
+
+    def evaluations(self, problem: Any) -> int:
+        return self.method.evaluations(problem)
+
+    def __call__(self, problem: Any) -> Any:
+        result = self.method(problem)
+        return result._replace(grads=sum_shared(self.ranks, result.grads, self.dims))
 
 
 def fedavg_share(
