@@ -34,33 +34,44 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(world: int, mode: str, tmp: Path, timeout: float = 60) -> list[dict[str, str]]:
-    """Run the worker on ``world`` ranks; every rank's results (``{}`` for a rank that died)."""
-    env = {
-        **os.environ,
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(free_port()),
-        "WORLD_SIZE": str(world),
-        "OMP_NUM_THREADS": "1",
-        "HG_TEST_TIMEOUT": str(timeout / 4),
-    }
-    outs = [tmp / f"{mode}-{world}-{r}.json" for r in range(world)]
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(WORKER), str(outs[r]), mode],
-            env={**env, "RANK": str(r)},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for r in range(world)
-    ]
-    logs = finish(procs, timeout)
-    return [json.loads(o.read_text()) if o.exists() else {"log": log} for o, log in zip(outs, logs)]
+class Launch:
+    """The worker started on ``world`` ranks (output to files, so no pipe can fill and block)."""
+
+    def __init__(self, world: int, mode: str, tmp: Path, timeout: float) -> None:
+        env = {
+            **os.environ,
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(free_port()),
+            "WORLD_SIZE": str(world),
+            "OMP_NUM_THREADS": "1",
+            "HG_TEST_TIMEOUT": str(timeout / 4),
+        }
+        self.outs = [tmp / f"{mode}-{world}-{r}.json" for r in range(world)]
+        self.logs = [tmp / f"{mode}-{world}-{r}.log" for r in range(world)]
+        self.timeout = timeout
+        self.procs = []
+        for r in range(world):
+            with open(self.logs[r], "w") as log:
+                self.procs.append(
+                    subprocess.Popen(
+                        [sys.executable, str(WORKER), str(self.outs[r]), mode],
+                        env={**env, "RANK": str(r)},
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                    )
+                )
+
+    def results(self) -> list[dict[str, str]]:
+        """Every rank's results (its log instead, for a rank that wrote none)."""
+        finish(self.procs, self.timeout)
+        return [
+            json.loads(out.read_text()) if out.exists() else {"log": log.read_text()}
+            for out, log in zip(self.outs, self.logs)
+        ]
 
 
 def finish(procs: list[subprocess.Popen], timeout: float) -> list[str]:
-    """Every process's output; none outlives the timeout."""
+    """Wait for every process (their output, where piped); none outlives the timeout."""
     try:
         return [p.communicate(timeout=timeout)[0] for p in procs]
     finally:
@@ -69,14 +80,22 @@ def finish(procs: list[subprocess.Popen], timeout: float) -> list[str]:
                 p.kill()
 
 
-@pytest.fixture(scope="module", params=[2, 3], ids=["2 ranks", "3 ranks"])
-def results(request, tmp_path_factory) -> list[dict[str, str]]:
-    return launch(request.param, "checks", tmp_path_factory.mktemp("ranks"), timeout=240)
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory) -> dict[str, list[dict[str, str]]]:
+    """Every process group of the module, started at once (they run side by side)."""
+    tmp = tmp_path_factory.mktemp("ranks")
+    groups = {
+        "2 ranks": Launch(2, "checks", tmp, timeout=240),
+        "3 ranks": Launch(3, "checks", tmp, timeout=240),
+        "dies": Launch(2, "dies", tmp, timeout=120),
+    }
+    return {name: group.results() for name, group in groups.items()}
 
 
+@pytest.mark.parametrize("world", ["2 ranks", "3 ranks"])
 @pytest.mark.parametrize("check", CHECKS)
-def test_every_rank(results, check):
-    for rank, got in enumerate(results):
+def test_every_rank(launched, world, check):
+    for rank, got in enumerate(launched[world]):
         assert got.get(check) == "ok", f"rank {rank}: {got.get(check, got.get('log'))}"
 
 
@@ -97,7 +116,7 @@ def test_the_example_runs_under_torchrun():
     assert "after 5 steps on aux" in log
 
 
-def test_a_rank_that_dies_is_reported_within_the_timeout(tmp_path):
-    alive, dead = launch(2, "dies", tmp_path, timeout=60)
+def test_a_rank_that_dies_is_reported_within_the_timeout(launched):
+    alive, dead = launched["dies"]
     assert alive == {"dies": "ok"}
-    assert dead.get("dies") is None  # it exited in its loss
+    assert "dies" not in dead  # it exited in its loss
