@@ -245,7 +245,8 @@ THOROUGH_ONLY = pytest.mark.skipif(
 
 def entries_of(inner_loss):
     """The cached compiled steps of ``inner_loss``, least recently used first."""
-    return [e for key, e in _compile._CACHE.items() if key[0][0] is inner_loss]
+    own = _compile._loss_key(inner_loss)  # by code and closure
+    return [e for key, e in _compile._CACHE.items() if key[0][0] == own]
 
 
 def several_inner(p, aux, batch):
@@ -481,3 +482,35 @@ def test_clients_by_chunks_compile_each_chunk_shape():
         warnings.simplefilter("error", hg.CompileFallbackWarning)
         compiled = hg.clients.hypergrad(**kwargs, chunk_size=2, compile=True)
     assert_close(compiled, eager, torch.float64)
+
+
+def test_a_loss_defined_anew_with_the_same_closure_reuses_the_compiled_step():
+    """A loss written inside the user's loop is a new function each time: same code, same cells."""
+    sgd = OPTIMIZERS["sgd"]
+    scale = torch.tensor(2.0)
+
+    def make(factor):
+        return lambda p, a, b: (factor * p["w"]).sum()
+
+    key = _compile.step_key(make(scale), sgd, has_buffers=False)
+    assert key == _compile.step_key(make(scale), sgd, has_buffers=False)
+    assert key != _compile.step_key(make(torch.tensor(2.0)), sgd, has_buffers=False)
+
+
+def test_a_loss_recompiled_only_for_its_closure_warns_once_with_the_fix():
+    sgd = OPTIMIZERS["sgd"]
+
+    def make(factor):
+        return lambda p, a, b: (factor * p["w"]).sum()
+
+    keys = [(_compile.step_key(make(torch.tensor(1.0)), sgd, has_buffers=False), ()) for _ in "ab"]
+    step = make(1.0)
+    try:
+        _compile._entry(step, keys[0])
+        with pytest.warns(UserWarning, match=r"inner_loss again: it is a new function .*outside"):
+            _compile._entry(step, keys[1])
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            _compile._entry(step, (_compile.step_key(make(3.0), sgd, has_buffers=False), ()))
+    finally:
+        _compile.clear_cache()

@@ -157,7 +157,7 @@ def test_call_errors():
     ):
         hg.call(model, {}, torch.ones(1, 2), buffers={"running_mean": torch.ones(1)})
     with pytest.raises(
-        ValueError,
+        TypeError,
         match=r"^hg\.call: params must be a dict keyed like named_parameters\(\), got a list",
     ):
         hg.call(model, [torch.ones(1, 2)], torch.ones(1, 2))

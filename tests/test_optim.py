@@ -610,9 +610,12 @@ def test_replace_and_tensor_hyperparams():
         (lambda: hg.optim.sgd(lr={"w": "x"}), r"lr\['w'\] is a str; each entry"),
         (
             lambda: hg.optim.sgd(lr=0.1).replace(lr=-1.0),
-            r"hg\.optim\.sgd: invalid lr: -1\.0",
+            r"^hg\.optim\.sgd\.replace: invalid lr: -1\.0",
         ),
-        (lambda: hg.optim.sgd(lr=0.1).replace(foo=1), r"sgd\.replace: unknown name 'foo'"),
+        (
+            lambda: hg.optim.sgd(lr=0.1).replace(foo=1),
+            r"^hg\.optim\.sgd\.replace: unknown name 'foo'",
+        ),
     ],
 )
 def test_construction_errors(call, match):

@@ -357,6 +357,8 @@ def test_mean_errors():
     with pytest.raises(ValueError, match=r"^hg\.tree\.mean: expected 2 weights .*got \(2, 1\)"):
         T.mean([t, t], torch.ones(2, 1))
     with pytest.raises(ValueError, match=r"^hg\.tree\.mean: the weights sum to zero"):
+        T.mean([t, t], [0.0, 0.0])
+    with pytest.raises(ValueError, match=r"^hg\.tree\.mean: weight 1 is -1\.0; weights must be"):
         T.mean([t, t], [1.0, -1.0])
     with pytest.raises(
         ValueError,

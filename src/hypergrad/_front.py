@@ -24,7 +24,7 @@ import torch
 
 from hypergrad import tree as _tree
 from hypergrad._boundary import caller
-from hypergrad._engine.batches import Batches
+from hypergrad._engine.batches import Batches, copied
 from hypergrad._engine.checks import check_float, check_inner_grad, check_opt, check_params
 from hypergrad._engine.compile import Compile, check_compile
 from hypergrad._engine.diagnosis import all_finite, locate_nonfinite, raise_nonfinite
@@ -182,7 +182,8 @@ def set_up(
             f"{type(clients).__name__}. Pass e.g. clients=hg.Clients(rounds=3)."
         )
     source = Batches(batches, steps if clients is None else clients.total_steps(steps))
-    hp: dict[str, Any] = {**opt.hyperparams, **(hyperparams or {})}
+    hp: dict[str, Any] = dict(opt.merged(hyperparams))  # checked as the optimizer checks them
+    _check_seed(seed)
     targets, names = ((), ()) if how is None else parse_wrt(wrt, aux, hp, opt)
     first = _tree.leaves(params)[0]  # check_params: a non-empty tree of floating-point tensors
     for name in names:
@@ -190,6 +191,9 @@ def set_up(
     if "aux" in targets:
         check_float(aux, "aux")
     options = _check_modes(how, inner_grad, compile)
+    # The losses get copies: an in-place change inside them never reaches the caller's tensors.
+    params, aux, state, buffers = copied((params, aux, state, buffers))
+    outer_batch = copied(outer_batch)
     return Setup(
         inner_loss=inner_loss,
         params=params,
@@ -212,6 +216,14 @@ def set_up(
         else outer_fn(outer_loss, outer_batch, buffers is not None),
         clients=clients,
     )
+
+
+def _check_seed(seed: Any) -> None:
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+        raise TypeError(
+            f"{caller()}: seed must be an int or None, got {seed!r}. Step k runs with "
+            "torch.manual_seed(seed + k); pass e.g. seed=0, or None to draw one."
+        )
 
 
 def _check_modes(how: Method | None, inner_grad: str, compile: Any) -> Compile | None:

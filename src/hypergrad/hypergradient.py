@@ -67,11 +67,18 @@ def hypergrad(
         method: one of the methods above.
         wrt: what to differentiate (a name or a tuple of names).
         state: the initial optimizer state; default ``opt.init(params, hyperparams=...)``.
-        buffers: the initial buffers (``None``: none carried).
+        buffers: the initial buffers (``None``: none carried). Without them, a model with
+            BatchNorm that the outer loss runs in eval mode (``hg.call(model, params, x)``)
+            normalises with the *module's own* running statistics, the ones it had before the
+            unroll, not statistics of the K steps: carry them (``buffers=``, an
+            ``inner_loss`` that returns ``(loss, new_buffers)`` and an ``outer_loss`` that
+            takes them) to evaluate with the trained ones.
         steps: K; default: the number of stacked batches or ``len(batches)``.
         hyperparams: replacements for some of ``opt.hyperparams``.
-        seed: base seed for the steps' random numbers (default: one draw from the global
-            generator). Every method sees the same random numbers at step k.
+        seed: base seed for the random numbers (default: one draw from the global
+            generator): step ``k`` runs with ``torch.manual_seed(seed + k)``, and the outer
+            loss with ``seed + K`` (its dropout masks differ from every step's). Every method
+            sees the same random numbers at step k.
         progress: show a tqdm progress bar (needs tqdm).
         inner_grad: ``"auto"``, ``"func"`` or ``"autograd"`` (as [`hg.unroll`][hypergrad.unroll]);
             forward mode always uses ``"func"``.
@@ -89,14 +96,18 @@ def hypergrad(
         ``Hypergradient(value, aux, hyperparams, params)``; what was not asked is ``None``.
 
     Raises:
-        ValueError: bad ``wrt``, a non-scalar loss, batches that run out, or a method that
-            cannot do what was asked (``Truncated(T < K)`` with ``wrt="params"``).
+        ValueError: bad ``wrt``, a non-scalar loss, batches that run out (or hold no step), a
+            hyperparameter out of range, an optimizer state built for other params, or a method
+            that cannot do what was asked (``Truncated(T < K)`` with ``wrt="params"``).
+        RuntimeError: a loss changes in place a tensor autograd needs (names the op).
         TypeError: a differentiated leaf that is not a floating-point tensor.
         FloatingPointError: a nan/inf loss, update or hypergradient (names step and key).
 
     Warns:
         UserWarning: an ``aux`` leaf does not affect the outer loss (its hypergradient is
-            identically zero); reverse-mode methods only.
+            identically zero); reverse-mode methods only. Or ``inner_loss`` does not depend on
+            params at all (it calls ``model(x)`` instead of ``hg.call(model, params, x)``);
+            seen where the inner gradient is taken with autograd (the default, eager).
         hg.CompileFallbackWarning: ``compile=True`` ran the step eagerly (names the cause).
 
     Examples:

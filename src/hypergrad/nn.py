@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from hypergrad import tree as _tree
+from hypergrad._boundary import caller, entered
 
 __all__ = ["call", "load", "split", "stack", "unstack"]
 
@@ -37,6 +38,9 @@ def split(module: nn.Module, /) -> tuple[Params, Params]:
         (tied parameters once, under their first name), holding detached copies (they do not
         require grad; differentiate with ``torch.func.grad`` or call ``requires_grad_()``).
 
+    Raises:
+        TypeError: ``module`` is not a ``torch.nn.Module``.
+
     Examples:
         >>> model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
         >>> params, buffers = hg.split(model)
@@ -45,9 +49,34 @@ def split(module: nn.Module, /) -> tuple[Params, Params]:
         >>> params["0.weight"].requires_grad
         False
     """
+    with entered("hg.split"):
+        _check_module(
+            module, "params, buffers = hg.split(model) (for a list of models, hg.stack(models))"
+        )
     params = {k: v.detach().clone() for k, v in module.named_parameters()}
     buffers = {k: v.detach().clone() for k, v in module.named_buffers()}
     return params, buffers
+
+
+def _check_module(module: Any, fix: str) -> None:
+    """Raise a ``TypeError`` that names the fix unless ``module`` is an ``nn.Module``."""
+    if not isinstance(module, nn.Module):
+        raise TypeError(
+            f"{caller()}: module must be a torch.nn.Module, got a {type(module).__name__}. "
+            f"Pass the model itself: {fix}."
+        )
+
+
+_NAMED = {"params": "parameters", "buffers": "buffers"}
+
+
+def _check_dict(tree: Any, name: str, fix: str) -> None:
+    """Raise a ``TypeError`` that names the fix unless ``tree`` is a dict-like mapping."""
+    if not isinstance(tree, Mapping):
+        raise TypeError(
+            f"{caller()}: {name} must be a dict keyed like named_{_NAMED[name]}(), got a "
+            f"{type(tree).__name__}. {fix}"
+        )
 
 
 def _aliases(module: nn.Module) -> dict[str, str]:
@@ -98,7 +127,10 @@ def call(
         The module's output, or ``(output, new_buffers)`` with ``return_buffers=True``.
 
     Raises:
-        ValueError: a key in ``params`` or ``buffers`` that the module does not have.
+        TypeError: ``module`` is not a module, ``params``/``buffers`` is not a dict, or an entry
+            is not a tensor (or, in ``params``, not floating-point).
+        ValueError: a key in ``params`` or ``buffers`` that the module does not have, or one
+            with another shape than the module's tensor.
 
     Examples:
         >>> model = torch.nn.Linear(2, 1)
@@ -112,11 +144,14 @@ def call(
         >>> b2["running_mean"], bn.running_mean  # the module is unchanged
         (tensor([0.2000]), tensor([0.]))
     """
-    tied = _check_known_keys(module, params, buffers)
-    if buffers is None:
-        own = {k: v.clone() for k, v in module.named_buffers()}
-    else:
-        own = {k: v.clone() for k, v in buffers.items()}
+    with entered("hg.call"):
+        _check_module(module, "hg.call(model, params, x)")
+        tied = _check_known_keys(module, params, buffers)
+    # Copies of every buffer: a forward that updates one in place (BatchNorm in train mode)
+    # changes neither the module nor the caller's dict, whichever keys were given.
+    own = {k: v.clone() for k, v in module.named_buffers()}
+    if buffers is not None:
+        own.update({k: v.clone() for k, v in buffers.items()})
     # Untying costs a second walk over the module inside functional_call; skip it when nothing
     # is tied (the result is the same).
     out = torch.func.functional_call(module, (dict(params), own), args, kwargs, tie_weights=tied)
@@ -130,30 +165,49 @@ def _check_known_keys(
     params: Mapping[str, torch.Tensor],
     buffers: Mapping[str, torch.Tensor] | None,
 ) -> bool:
-    """Raise for unknown keys; return whether the module has tied (shared) tensors."""
-    if not isinstance(params, Mapping):
-        raise ValueError(
-            f"hg.call: params must be a dict keyed like named_parameters(), got a "
-            f"{type(params).__name__}. Get one with params, buffers = hg.split(module)."
-        )
+    """Raise for unknown, misshaped or non-tensor keys; return whether the module ties tensors."""
+    fix = "Get one with params, buffers = hg.split(module)."
+    _check_dict(params, "params", fix)
+    if buffers is not None:
+        _check_dict(buffers, "buffers", fix)
     named = list(module.named_parameters(remove_duplicate=False))
-    names = {n for n, _ in named}
     named_buffers = list(module.named_buffers(remove_duplicate=False))
     tied = len({id(t) for _, t in named + named_buffers}) < len(named) + len(named_buffers)
-    unknown = [k for k in params if k not in names]
-    where = "params"
-    if not unknown and buffers is not None:
-        buffer_names = {n for n, _ in named_buffers}
-        unknown = [k for k in buffers if k not in buffer_names]
-        where, names = "buffers", buffer_names
+    for where, given, own in (("params", params, named), ("buffers", buffers, named_buffers)):
+        if given is not None:
+            _check_entries(module, where, given, dict(own))
+    return tied
+
+
+def _check_entries(
+    module: nn.Module, where: str, given: Mapping[str, Any], own: dict[str, torch.Tensor]
+) -> None:
+    """Every entry of ``given`` names a tensor of ``module``, with its shape (and a float param)."""
+    unknown = [k for k in given if k not in own]
     if unknown:
-        known = ", ".join(repr(n) for n in sorted(names)) or "none"
+        known = ", ".join(repr(n) for n in sorted(own)) or "none"
         raise ValueError(
-            f"hg.call: {where} has key(s) {', '.join(repr(k) for k in unknown)} that "
+            f"{caller()}: {where} has key(s) {', '.join(repr(k) for k in unknown)} that "
             f"{type(module).__name__} does not have (its {where}: {known}). Use the keys from "
             "hg.split(module)."
         )
-    return tied
+    for k, v in given.items():
+        if not isinstance(v, torch.Tensor):
+            raise TypeError(
+                f"{caller()}: {where}[{k!r}] is a {type(v).__name__}, not a tensor. Pass tensors, "
+                "e.g. the dicts from hg.split(module)."
+            )
+        if where == "params" and not v.is_floating_point():
+            raise TypeError(
+                f"{caller()}: params[{k!r}] is {v.dtype}; a module's parameters are "
+                "floating-point tensors. Pass the values from hg.split(module), or cast them."
+            )
+        if v.shape != own[k].shape:
+            raise ValueError(
+                f"{caller()}: {where}[{k!r}] has shape {tuple(v.shape)} but "
+                f"{type(module).__name__}'s {k} has shape {tuple(own[k].shape)}. Use the keys "
+                "and shapes from hg.split(module)."
+            )
 
 
 def _describe(x: Any) -> str:
@@ -206,6 +260,7 @@ def load(
         ``module``, for chaining.
 
     Raises:
+        TypeError: ``module`` is not a module, or ``params``/``buffers`` is not a dict.
         ValueError: listing every missing, unexpected, wrongly-shaped or wrongly-typed key, with
             the expected and the given shape and dtype.
 
@@ -217,6 +272,12 @@ def load(
         Parameter containing:
         tensor([[0., 0.]], requires_grad=True)
     """
+    with entered("hg.load"):
+        _check_module(module, "hg.load(model, params)")
+        fix = "Pass the dicts from hg.split(model)."
+        _check_dict(params, "params", fix)
+        if buffers is not None:
+            _check_dict(buffers, "buffers", fix)
     own_params = dict(module.named_parameters())
     own_buffers = dict(module.named_buffers())
     aliases = _aliases(module)
@@ -252,6 +313,20 @@ def _first_difference(ref: Params, other: Params) -> str | None:
     return None
 
 
+def _check_modules(modules: Any) -> None:
+    if isinstance(modules, nn.Module) or not isinstance(modules, Sequence):
+        raise TypeError(
+            f"{caller()}: modules must be a list of modules, got a {type(modules).__name__}. "
+            "Pass hg.stack([model_a, model_b, ...]); for one model, hg.split(model)."
+        )
+    for i, m in enumerate(modules):
+        if not isinstance(m, nn.Module):
+            raise TypeError(
+                f"{caller()}: modules[{i}] is a {type(m).__name__}, not a torch.nn.Module. "
+                "Pass modules of one architecture, e.g. copies made with copy.deepcopy."
+            )
+
+
 def stack(modules: Sequence[nn.Module], /) -> tuple[Params, Params]:
     """Stack the parameters and buffers of modules of one architecture along a new leading dim.
 
@@ -267,6 +342,7 @@ def stack(modules: Sequence[nn.Module], /) -> tuple[Params, Params]:
         dimension of ``len(modules)``.
 
     Raises:
+        TypeError: ``modules`` is not a list of modules.
         ValueError: no modules, or a module that differs from the first (the message names the
             first differing key).
 
@@ -278,6 +354,8 @@ def stack(modules: Sequence[nn.Module], /) -> tuple[Params, Params]:
         >>> torch.equal(hg.unstack(params)[2]["bias"], models[2].bias.detach())
         True
     """
+    with entered("hg.stack"):
+        _check_modules(modules)
     if len(modules) == 0:
         raise ValueError("hg.stack: got no modules; pass a non-empty list of modules.")
     parts = [split(m) for m in modules]

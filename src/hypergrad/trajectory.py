@@ -38,7 +38,9 @@ def unroll(
     The steps are recorded by autograd whenever an input requires grad (``params``, ``aux``, a
     tensor hyperparameter), so ``torch.autograd.grad`` of anything computed from the result
     flows back through all K steps. For a hypergradient with a choice of method (checkpointing,
-    truncation, forward mode), use [`hg.hypergrad`][hypergrad.hypergrad]. Inputs are never modified.
+    truncation, forward mode), use [`hg.hypergrad`][hypergrad.hypergrad]. Inputs are never modified:
+    the losses get copies of them (params, aux, state, buffers, each step's batch), so even an
+    in-place change inside a loss leaves your tensors as they were.
 
     Args:
         inner_loss: ``inner_loss(params, aux, batch) -> scalar``; when ``buffers`` is given it is
@@ -58,7 +60,8 @@ def unroll(
         steps: K; default: the number of stacked batches, or ``len(batches)``.
         hyperparams: replaces ``opt.hyperparams`` (same keys); tensors here are differentiable.
         seed: base seed; step ``k`` runs with ``torch.manual_seed(seed + k)`` inside
-            ``torch.random.fork_rng``. Default: one draw from the global generator.
+            ``torch.random.fork_rng`` (and the outer loss of [`hg.hypergrad`][hypergrad.hypergrad]
+            with ``seed + K``). Default: one draw from the global generator.
         progress: show a tqdm progress bar.
         inner_grad: how the step takes the inner gradient: ``"auto"``, ``"func"`` or
             ``"autograd"`` (same numbers; see the methods concepts page).
@@ -78,8 +81,17 @@ def unroll(
         ``losses`` of shape ``(K,)``.
 
     Raises:
-        ValueError: a non-scalar inner loss, or batches that run out before ``steps``.
+        TypeError: ``opt`` is not a hypergrad optimizer, or ``params`` not a tree of
+            floating-point tensors.
+        ValueError: a non-scalar inner loss, batches that run out before ``steps`` (or hold no
+            step), a hyperparameter out of range, or a ``state`` built for other params.
+        RuntimeError: ``inner_loss`` changes in place a tensor autograd needs (names the op).
         FloatingPointError: a nan/inf loss or update (names the step and the key path).
+
+    Warns:
+        UserWarning: ``inner_loss`` does not depend on params (it calls ``model(x)`` instead of
+            ``hg.call(model, params, x)``); seen where the inner gradient is taken with
+            autograd (the default, eager).
 
     Examples:
         >>> loss = lambda p, aux, x: ((p["w"] - x) ** 2).sum()

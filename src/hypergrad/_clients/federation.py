@@ -38,6 +38,7 @@ from hypergrad._engine.randomness import rng_devices
 from hypergrad._engine.step import StepFn, multi_step
 from hypergrad._front import Setup, no_outer
 from hypergrad.tree import PyTree
+from hypergrad.tree._base import check_weights
 
 __all__ = ["Clients", "Federation", "federate"]
 
@@ -126,6 +127,7 @@ class Clients:
         positive_int(
             self.chunk_size, "chunk_size", "(clients per chunk)", none="(all clients at once)"
         )
+        check_weights(self.weights, None)
         check_process_group(self.process_group)
 
     def total_steps(self, steps: int | None) -> int | None:

@@ -63,16 +63,16 @@ def check_process_group(group: Any) -> None:
     """Raise unless ``group`` is ``None`` or a process group of an initialised ``torch.distributed``."""
     if group is None:
         return
-    if not dist.is_available() or not dist.is_initialized():
+    if not dist.is_available() or not isinstance(group, dist.ProcessGroup):
+        raise TypeError(
+            f"{caller()}: process_group must be a torch.distributed process group, e.g. "
+            f"torch.distributed.group.WORLD or one from new_group(...), got {type(group).__name__}."
+        )
+    if not dist.is_initialized():
         raise RuntimeError(
             f"{caller()}: process_group needs torch.distributed initialised in every process; "
             "call torch.distributed.init_process_group('gloo') (or 'nccl' on CUDA) first, e.g. "
             "under torchrun, or pass process_group=None for one process."
-        )
-    if not isinstance(group, dist.ProcessGroup):
-        raise TypeError(
-            f"{caller()}: process_group must be a torch.distributed process group, e.g. "
-            f"torch.distributed.group.WORLD or one from new_group(...), got {type(group).__name__}."
         )
 
 

@@ -39,7 +39,7 @@ class StackedOptimizer:
         self._opt = opt
         self._direct = opt.elementwise and all(d is None for d in hp_dims.values())
         self._update = vmap_trees(
-            lambda p, g, s, h: opt.step(p, g, s, hyperparams=h), 3, (hp_dims,), **options
+            lambda p, g, s, h: opt.update(p, g, s, h), 3, (hp_dims,), **options
         )
 
     def _uniform_step(self, state: Any) -> torch.Tensor | None:
@@ -55,12 +55,16 @@ class StackedOptimizer:
         if self._direct and all(_scalar_hp(v) for v in hyperparams.values()):
             step = self._uniform_step(state)
             if step is not None:
-                new_params, new_state = self._opt.step(
-                    params, grads, state._replace(step=step), hyperparams=hyperparams
+                new_params, new_state = self._opt.update(
+                    params, grads, state._replace(step=step), hyperparams
                 )
                 clients = state.step.shape[0]
                 return new_params, new_state._replace(step=new_state.step.expand(clients))
         return self._update(params, grads, state, hyperparams)
+
+    def update(self, params, grads, state, hyperparams):
+        """The engine's name for a step with checked hyperparameters (``Optimizer.update``)."""
+        return self.step(params, grads, state, hyperparams=hyperparams)
 
 
 def vmapped_step(

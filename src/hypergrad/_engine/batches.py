@@ -10,7 +10,23 @@ import torch
 from hypergrad import tree as _tree
 from hypergrad._boundary import caller, positive_int
 
-__all__ = ["Batches"]
+__all__ = ["Batches", "copied"]
+
+
+def copied(tree: Any) -> Any:
+    """``tree`` with every tensor leaf cloned (differentiably): what the engine works on.
+
+    The engine hands the caller's tensors to the user's losses; a loss that changes one in
+    place (``x.mul_(2)``, ``p.data.add_(1)``) would change the caller's own tensor, which shares
+    its memory with every detached view the engine makes. Copies keep them safe, at the cost of
+    one copy of the inputs per call (of a batch per step).
+
+    Examples:
+        >>> x = torch.ones(2)
+        >>> copied({"x": x, "n": 3})["x"] is x
+        False
+    """
+    return _tree.map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, tree)
 
 
 def _is_stacked(batches: Any) -> bool:
@@ -54,6 +70,12 @@ class Batches:
                     "(K, ...), a list of batches, or a function batch_fn(k)."
                 )
             available: int = sizes.pop()  # type: ignore[assignment]  # None was refused above
+            if available == 0:
+                raise ValueError(
+                    f"{caller()}: the stacked batches hold 0 steps (their leading dimension is 0); "
+                    "there must be at least one step to run. Pass tensors shaped (K, ...) with "
+                    "K >= 1."
+                )
             steps = available if steps is None else steps
             if steps > available:
                 raise ValueError(
@@ -89,16 +111,25 @@ class Batches:
         self.steps: int = steps
 
     def at(self, k: int) -> Any:
-        """The batch of step ``k`` (the same object every time it is asked for)."""
+        """The batch of step ``k``: a copy, so a loss that changes it in place changes no input.
+
+        A batch from an iterable is the same object every time it is asked for.
+        """
         if self._stacked is not None:
-            return _tree.map(lambda x: x[k], self._stacked)
+            return _tree.map(lambda x: x[k].clone(), self._stacked)
         if self._fn is not None:
-            return self._fn(k)
+            return copied(self._fn(k))
         while len(self._seen) <= k:
             try:
-                self._seen.append(next(self._iter))  # type: ignore[arg-type]
+                self._seen.append(copied(next(self._iter)))  # type: ignore[arg-type]
             except StopIteration:
                 n = len(self._seen)
+                if n == 0:
+                    raise ValueError(
+                        f"{caller()}: batches ran out at step 0 of {self.steps}: the iterable "
+                        "yielded no batches (a generator that an earlier call consumed?). Pass "
+                        "a fresh iterable (a new generator, or a list, which can be read again)."
+                    ) from None
                 raise ValueError(
                     f"{caller()}: batches ran out at step {n} of {self.steps}: the iterable "
                     f"yielded only {n} batches. Pass steps={n}, or a longer iterable (e.g. "

@@ -10,6 +10,7 @@ import torch
 from hypergrad import tree as _tree
 from hypergrad._boundary import caller
 from hypergrad.optim._base import Optimizer
+from hypergrad.optim._common import TRAINABLE
 from hypergrad.tree import PyTree
 
 __all__ = ["check_float", "check_inner_grad", "check_opt", "check_params"]
@@ -24,18 +25,21 @@ def check_opt(opt: Any) -> None:
         >>> check_opt(torch.optim.SGD([torch.zeros(1)], lr=0.1))
         Traceback (most recent call last):
         ...
-        TypeError: hypergrad: opt must be a hypergrad optimizer such as hg.optim.sgd(lr=0.1), got SGD. Convert a torch optimizer with hg.optim.from_torch(torch_optimizer, model).
+        TypeError: hypergrad: opt must be a hypergrad optimizer such as hg.optim.sgd(lr=0.1), got SGD. Convert a torch optimizer with hg.optim.from_torch(torch_optimizer, model), model being the module whose parameters it holds.
     """
     if not isinstance(opt, Optimizer):
         raise TypeError(
             f"{caller()}: opt must be a hypergrad optimizer such as hg.optim.sgd(lr=0.1), got "
             f"{type(opt).__name__}. Convert a torch optimizer with "
-            "hg.optim.from_torch(torch_optimizer, model)."
+            "hg.optim.from_torch(torch_optimizer, model), model being the module whose parameters "
+            "it holds."
         )
 
 
 def check_params(params: PyTree) -> None:
     """Raise a teaching error unless ``params`` is a non-empty tree of floating-point tensors.
+
+    Tensors on the meta device are refused too: they have no values to train.
 
     Examples:
         >>> check_params(torch.nn.Linear(2, 1))
@@ -59,9 +63,13 @@ def check_params(params: PyTree) -> None:
             )
         if not leaf.is_floating_point():
             raise TypeError(
-                f"{caller()}: params leaf {_tree.keystr(path)} is {leaf.dtype}; only "
-                "floating-point tensors can be trained. Move integer tensors into buffers or the "
-                "batch."
+                f"{caller()}: params leaf {_tree.keystr(path)} is {leaf.dtype}; {TRAINABLE}"
+            )
+        if leaf.is_meta:
+            raise ValueError(
+                f"{caller()}: params leaf {_tree.keystr(path)} is on the meta device: it has a "
+                "shape but no values to train. Materialise the model first (e.g. "
+                "model.to_empty(device='cpu'), then initialise it), and pass hg.split(model)."
             )
 
 

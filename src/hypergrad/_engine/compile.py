@@ -174,16 +174,36 @@ def _value_key(value: Any, depth: int = 0) -> Hashable:
     if isinstance(value, types.FunctionType) and depth < 4:
         cells = tuple(_value_key(c.cell_contents, depth + 1) for c in value.__closure__ or ())
         defaults = _value_key(value.__defaults__, depth + 1)
-        return ("function", value.__code__, cells, defaults)
+        keywords = tuple(sorted((value.__kwdefaults__ or {}).items()))
+        return ("function", value.__code__, cells, defaults, _value_key(keywords, depth + 1))
+    if isinstance(value, torch.Tensor):
+        return _Same(value)
     hash(value)
     return value
+
+
+class _Same:
+    """A key part that compares by identity: a tensor's ``==`` is elementwise, not a bool."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value  # kept alive with the key, so its id is not reused meanwhile
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Same) and other.value is self.value
+
+    def __hash__(self) -> int:
+        return id(self.value)
 
 
 def step_key(inner_loss: Callable[..., Any], opt: Optimizer, **static: Any) -> Hashable | None:
     """The cache key of a compiled step, or ``None`` when something in it is not hashable.
 
-    Built from ``inner_loss`` (by identity: define it once, outside the outer loop), the
-    optimizer's family, functions (by code and closure contents) and static options, and the
+    Built from ``inner_loss`` (by code, closure contents and defaults, as the optimizer's
+    functions: a loss defined anew inside the user's loop, over the same objects, finds the
+    step compiled for the previous one; by identity if its closure holds something unhashable),
+    the optimizer's family, functions and static options, and the
     given static switches of the step (``has_buffers``, ``first_order``, how clients are
     vmapped, ...). Not from hyperparameter values: those are inputs of the step, so the caller
     must pass all of them to the step.
@@ -195,10 +215,14 @@ def step_key(inner_loss: Callable[..., Any], opt: Optimizer, **static: Any) -> H
         True
         >>> a == step_key(loss, hg.optim.adam(lr=0.1), has_buffers=False)
         False
+        >>> make = lambda scale: (lambda p, a, b: scale * p["w"].sum())
+        >>> step_key(make(2.0), hg.optim.sgd(), has_buffers=False) == step_key(
+        ...     make(2.0), hg.optim.sgd(), has_buffers=False)  # new function, same code and cells
+        True
     """
     try:
         return (
-            inner_loss,
+            _loss_key(inner_loss),
             opt.name,
             _value_key(opt.update_fn),
             _value_key(opt.init_fn),
@@ -208,6 +232,57 @@ def step_key(inner_loss: Callable[..., Any], opt: Optimizer, **static: Any) -> H
         )
     except TypeError:
         return None
+
+
+def _loss_key(inner_loss: Callable[..., Any]) -> Hashable:
+    """The loss's part of the key: by code and closure contents, or by identity if unhashable."""
+    try:
+        return _value_key(inner_loss)
+    except TypeError:  # a closure over a dict or a list: only this very function is known
+        return inner_loss
+
+
+def _code(loss_key: Any) -> Any:
+    """The code object behind a loss key (``None`` for a callable that is not a function)."""
+    if isinstance(loss_key, tuple) and loss_key[:1] == ("function",):
+        return loss_key[1]
+    return getattr(loss_key, "__code__", None)
+
+
+_WARNED: set[Any] = set()
+
+
+def _warn_if_recompiled(key: Hashable, cached: list[Hashable]) -> None:
+    """Warn (once per code) when a loss of known code compiles again only for its closure.
+
+    Each compile takes seconds; it happens when the user defines the inner loss inside their
+    loop over a tensor or dict made anew each time, so the cache cannot tell it is the same.
+    """
+    if not (isinstance(key, tuple) and len(key) == 2 and isinstance(key[0], tuple)):
+        return
+    code = _code(key[0][0])
+    if code is None or code in _WARNED:
+        return
+    for other in cached:
+        if (
+            isinstance(other, tuple)
+            and len(other) == 2
+            and isinstance(other[0], tuple)
+            and other[1] == key[1]
+            and other[0][1:] == key[0][1:]
+            and _code(other[0][0]) is code
+        ):
+            _WARNED.add(code)
+            warnings.warn(
+                f"{caller()}: compile=True compiles inner_loss again: it is a new function with "
+                "the same code as one compiled before, but its closure holds other objects (a "
+                "tensor, dict or list made anew each time), so the compiled step cannot be "
+                "reused and every call compiles for seconds. Define inner_loss once, outside "
+                "your loop, and pass what changes through aux or the batches.",
+                UserWarning,
+                stacklevel=5,
+            )
+            return
 
 
 @contextlib.contextmanager
@@ -320,6 +395,8 @@ def _entry(step: Callable[..., Any], key: Hashable | None) -> _Entry:
         if key is not None and key in _CACHE:
             _CACHE.move_to_end(key)
             return _CACHE[key]
+        if key is not None:
+            _warn_if_recompiled(key, list(_CACHE))
         _COUNT[0] += 1
         entry = _Entry(step, _COUNT[0])
         if key is not None:

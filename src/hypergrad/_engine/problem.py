@@ -27,6 +27,7 @@ from typing import Any, NamedTuple
 import torch
 
 from hypergrad._boundary import caller
+from hypergrad._engine.inplace import explained, is_in_place_error
 from hypergrad._engine.randomness import manual_seed, seeded
 from hypergrad._engine.step import StepFn
 from hypergrad.tree import PyTree
@@ -180,11 +181,18 @@ def outer_fn(
 ) -> Callable[[PyTree, PyTree, PyTree], torch.Tensor]:
     """Bind the outer batch: ``outer(params, buffers, aux) -> scalar`` (shape-checked)."""
 
-    def outer(params: PyTree, buffers: PyTree, aux: PyTree) -> torch.Tensor:
+    def call(params: PyTree, buffers: PyTree, aux: PyTree) -> Any:
         if has_buffers:
-            value = outer_loss(params, aux, outer_batch, buffers)
-        else:
-            value = outer_loss(params, aux, outer_batch)
+            return outer_loss(params, aux, outer_batch, buffers)
+        return outer_loss(params, aux, outer_batch)
+
+    def outer(params: PyTree, buffers: PyTree, aux: PyTree) -> torch.Tensor:
+        try:
+            value = call(params, buffers, aux)
+        except RuntimeError as error:
+            if not is_in_place_error(error):
+                raise
+            raise explained(error, "outer_loss", call, (params, buffers, aux)) from error
         if not isinstance(value, torch.Tensor) or value.dim() != 0:
             got = (
                 f"shape {tuple(value.shape)}"

@@ -16,6 +16,7 @@ run steps they do not differentiate); with ``first_order=True`` the inner gradie
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -26,6 +27,7 @@ from hypergrad import tree as _tree
 from hypergrad._boundary import caller
 from hypergrad._engine.checks import check_inner_grad
 from hypergrad._engine.compile import Compile, compile_step, step_key
+from hypergrad._engine.inplace import explained, is_in_place_error
 from hypergrad.optim._base import Optimizer
 from hypergrad.tree import PyTree
 
@@ -145,6 +147,22 @@ def make_step(
             grads = _tree.detach(grads)
         return grads, loss, new_buffers
 
+    warned: list[bool] = []  # one warning per built step, i.e. per public call
+
+    def unused(leaves: list[torch.Tensor], grads: tuple[Any, ...]) -> list[torch.Tensor]:
+        """The gradients, zeros where unused; a warning if the loss ignores every parameter."""
+        if leaves and all(g is None for g in grads) and not warned:
+            warned.append(True)
+            warnings.warn(
+                f"{caller()}: inner_loss does not depend on params: its gradient is zero for "
+                "every parameter, so the steps do not train them and a hypergradient through "
+                "them is zero. Inside the loss, run the model on the params it is given, "
+                "hg.call(model, params, x), not model(x) (which reads the module's own tensors).",
+                UserWarning,
+                stacklevel=2,
+            )
+        return [torch.zeros_like(x) if g is None else g for x, g in zip(leaves, grads)]
+
     def grad_autograd(params, aux, batch, buffers):
         flat, spec = optree.tree_flatten(params, namespace=_tree._NAMESPACE)
         # A meta-graph is needed only when the inner loss depends on something that requires
@@ -159,18 +177,25 @@ def make_step(
                 p if (create and p.requires_grad) else p.detach().requires_grad_() for p in flat
             ]
             loss, new_buffers = loss_fn(optree.tree_unflatten(spec, leaves), aux, batch, buffers)
-            grads = torch.autograd.grad(
-                loss, leaves, create_graph=create, allow_unused=True, materialize_grads=True
-            )
+            found: tuple[Any, ...] = (None,) * len(leaves)
+            if loss.requires_grad:
+                found = torch.autograd.grad(loss, leaves, create_graph=create, allow_unused=True)
+            grads = unused(leaves, found)
         if not create:
             loss, new_buffers = loss.detach(), _tree.detach(new_buffers)
-        return optree.tree_unflatten(spec, list(grads)), loss, new_buffers
+        return optree.tree_unflatten(spec, grads), loss, new_buffers
 
     def step(params, state, buffers, aux, hyperparams, batch):
         use_func = inner_grad == "func" or (inner_grad == "auto" and in_functorch_transform())
         compute = grad_func if use_func else grad_autograd
-        grads, loss, new_buffers = compute(params, aux, batch, buffers)
-        new_params, new_state = opt.step(params, grads, state, hyperparams=hyperparams)
+        try:
+            grads, loss, new_buffers = compute(params, aux, batch, buffers)
+        except RuntimeError as error:
+            if not is_in_place_error(error):
+                raise
+            args = (params, aux, batch, buffers)
+            raise explained(error, "inner_loss", loss_fn, args) from error
+        new_params, new_state = opt.update(params, grads, state, hyperparams)
         return new_params, new_state, new_buffers, loss
 
     if compile is None:

@@ -140,6 +140,12 @@ def batches(
         (torch.Size([3, 2, 4]), [[2, 4], [2, 4], [2, 4]])
     """
     with entered("hg.clients.batches"):
+        if not isinstance(padded, Padded):
+            raise TypeError(
+                f"hg.clients.batches: padded must be the result of hg.clients.pad(datasets), got "
+                f"a {type(padded).__name__}. Pad the clients' datasets first: "
+                "hg.clients.batches(hg.clients.pad([(x0, y0), (x1, y1)]), steps)."
+            )
         positive_int(steps, "steps")
     mask = padded.mask
     if batch_size is None:
@@ -161,6 +167,21 @@ def batches(
     return _tree.map(lambda x: x[rows, index], padded.data), mask[rows, index]
 
 
+def _check_mask(values: torch.Tensor, mask: torch.Tensor) -> None:
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        got = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise TypeError(
+            f"hg.clients.masked_mean: mask must be a bool tensor, got {got}. Pass the mask from "
+            "hg.clients.pad or hg.clients.batches, or compare, e.g. mask > 0."
+        )
+    if mask.shape != values.shape[: mask.dim()]:
+        raise ValueError(
+            f"hg.clients.masked_mean: mask has shape {tuple(mask.shape)} but values has shape "
+            f"{tuple(values.shape)}; the mask covers the leading dimensions of values (one "
+            "entry per example). Pass values and mask of the same batch."
+        )
+
+
 def masked_mean(values: torch.Tensor, mask: torch.Tensor, /) -> torch.Tensor:
     """The mean of ``values`` over the entries where ``mask`` is ``True``.
 
@@ -168,10 +189,15 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor, /) -> torch.Tensor:
     predictions ``(B, d)`` with a ``(B,)`` mask); padded entries contribute nothing, also to
     the gradient (even if they hold nan or inf).
 
+    Raises:
+        TypeError: a mask that is not a bool tensor.
+        ValueError: a mask that is not shaped like the leading dimensions of ``values``.
+
     Examples:
         >>> hg.clients.masked_mean(torch.tensor([1.0, 3.0, float("nan")]), torch.tensor([True, True, False]))
         tensor(2.)
     """
+    _check_mask(values, mask)
     m = mask.reshape(*mask.shape, *([1] * (values.dim() - mask.dim())))
     kept = torch.where(m, values, torch.zeros((), dtype=values.dtype, device=values.device))
     count = m.expand_as(values).sum().clamp_min(1)

@@ -19,10 +19,20 @@ from typing import Any
 
 import torch
 
-from hypergrad._boundary import caller, entered
+from hypergrad._boundary import caller, entered, is_number
+from hypergrad.optim._hyper import check_forms
 from hypergrad.tree import PyTree
 
 __all__ = ["Optimizer"]
+
+
+def _numbers(value: Any) -> bool:
+    """Whether a hyperparameter holds only Python numbers (no tensor)."""
+    if isinstance(value, tuple):
+        return all(_numbers(v) for v in value)
+    if isinstance(value, Mapping):
+        return all(_numbers(v) for v in value.values())
+    return is_number(value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,9 +90,29 @@ class Optimizer:
             ('AdamState', tensor(0.))
         """
         with entered(f"hg.optim.{self.name}.init"):
-            return self.init_fn(params, self._merge(hyperparams), self.options)
+            return self.init_fn(params, self.merged(hyperparams), self.options)
 
-    def _merge(self, hyperparams: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    def merged(self, hyperparams: Mapping[str, Any] | None) -> Mapping[str, Any]:
+        """The hyperparameters with ``hyperparams``' replacements, checked as the constructor.
+
+        Replacements that are numbers (floats, tuples or per-parameter dicts of floats) are
+        checked as ``hg.optim.<family>(...)`` checks them, so a negative learning rate is refused
+        here too. Tensor replacements are checked for their form only: they are differentiable
+        inputs, which a finite-difference check or a line search may step just outside the
+        range (a learning rate of ``-1e-6`` near 0).
+
+        Raises:
+            ValueError: ``hyperparams`` is not a dict, names an unknown hyperparameter, or
+                holds a value out of range.
+
+        Examples:
+            >>> hg.optim.sgd(lr=0.1).merged({"lr": 0.5})["lr"]
+            0.5
+            >>> hg.optim.sgd(lr=0.1).merged({"lr": -0.5})
+            Traceback (most recent call last):
+            ...
+            ValueError: hypergrad: invalid lr: -0.5; it must be >= 0.0, as in torch.optim.
+        """
         if hyperparams is None:
             return self.hyperparams
         if not isinstance(hyperparams, Mapping):
@@ -98,7 +128,12 @@ class Optimizer:
                 f"optimizer has: {known}. Static options ({', '.join(self.options)}) are changed "
                 "with opt.replace(...), not per step."
             )
-        return {**self.hyperparams, **hyperparams}
+        merged = {**self.hyperparams, **hyperparams}
+        if self.check_fn is not None:
+            numbers = {k: v for k, v in hyperparams.items() if _numbers(v)}
+            self.check_fn({**self.hyperparams, **numbers}, self.options)
+            check_forms({k: v for k, v in hyperparams.items() if k not in numbers})
+        return merged
 
     def tensor_hyperparams(
         self, *, dtype: torch.dtype | None = None, device: torch.device | str | None = None
@@ -150,8 +185,10 @@ class Optimizer:
                 value); pass tensors here to differentiate with respect to them.
 
         Raises:
-            ValueError: ``grads`` or the state's buffers are not keyed like ``params``, or an
-                unknown hyperparameter name is given.
+            ValueError: ``grads`` or the state's buffers are not keyed or shaped like
+                ``params``, an unknown hyperparameter name is given, or a given value is out of
+                range (as the constructor checks it).
+            TypeError: an integer tensor in ``params`` or ``grads``.
 
         Examples:
             >>> opt = hg.optim.sgd(lr=0.5)
@@ -161,8 +198,21 @@ class Optimizer:
             tensor([0.5000, 1.5000])
         """
         with entered(f"hg.optim.{self.name}.step"):
-            hp = self._merge(hyperparams)
+            hp = self.merged(hyperparams)
             return self.update_fn(params, grads, state, hp, self.options)
+
+    def update(
+        self, params: PyTree, grads: PyTree, state: PyTree, hyperparams: Mapping[str, Any]
+    ) -> tuple[PyTree, PyTree]:
+        """[`step`][hypergrad.optim.Optimizer.step] for a loop that checked ``hyperparams`` once.
+
+        The replacements are neither checked nor named in messages: the engine's step runs it
+        K times with hyperparameters its front door checked (``merged``), and its messages name
+        the public call in progress.
+        """
+        return self.update_fn(
+            params, grads, state, {**self.hyperparams, **hyperparams}, self.options
+        )
 
     def replace(self, **changes: Any) -> Optimizer:
         """Return a copy with some hyperparameters or options replaced, e.g. ``opt.replace(lr=t)``.
@@ -171,18 +221,18 @@ class Optimizer:
             ValueError: a name that is neither a hyperparameter nor an option of this family.
         """
         hp, opts = dict(self.hyperparams), dict(self.options)
-        for key, value in changes.items():
-            if key in hp:
-                hp[key] = value
-            elif key in opts:
-                opts[key] = value
-            else:
-                known = ", ".join(sorted([*hp, *opts]))
-                raise ValueError(
-                    f"{self.name}.replace: unknown name {key!r}; this optimizer has: {known}."
-                )
-        if self.check_fn is not None:
-            with entered(f"hg.optim.{self.name}"):
+        with entered(f"hg.optim.{self.name}.replace"):
+            for key, value in changes.items():
+                if key in hp:
+                    hp[key] = value
+                elif key in opts:
+                    opts[key] = value
+                else:
+                    known = ", ".join(sorted([*hp, *opts]))
+                    raise ValueError(
+                        f"{caller()}: unknown name {key!r}; this optimizer has: {known}."
+                    )
+            if self.check_fn is not None:
                 self.check_fn(hp, opts)
         return dataclasses.replace(self, hyperparams=hp, options=opts)
 

@@ -110,6 +110,38 @@ class Flat(NamedTuple):
 Math = Callable[[Flat], tuple[torch.Tensor, Buffers]]
 
 
+TRAINABLE = (
+    "only floating-point tensors can be trained. Move integer tensors into buffers or the batch."
+)
+
+
+def check_floating(what: str, leaves: list[Any], spec: optree.PyTreeSpec, why: str) -> None:
+    """Raise a ``TypeError`` naming the first leaf of ``what`` that is not floating-point.
+
+    Examples:
+        >>> leaves, spec = optree.tree_flatten({"w": torch.ones(1, dtype=torch.long)})
+        >>> check_floating("params", leaves, spec, TRAINABLE)
+        Traceback (most recent call last):
+        ...
+        TypeError: hypergrad: params leaf ['w'] is torch.int64; only floating-point tensors can be trained. Move integer tensors into buffers or the batch.
+    """
+    for path, leaf in zip(spec.paths(), leaves):
+        if isinstance(leaf, torch.Tensor) and not leaf.is_floating_point():
+            raise TypeError(f"{caller()}: {what} leaf {keystr(path)} is {leaf.dtype}; {why}")
+
+
+def _check_shapes(
+    what: str, leaves: list[Any], spec: optree.PyTreeSpec, shapes: list, fix: str
+) -> None:
+    """Raise a ``ValueError`` naming the first leaf of ``what`` not shaped like its parameter."""
+    for path, leaf, shape in zip(spec.paths(), leaves, shapes):
+        if leaf.shape != shape:
+            raise ValueError(
+                f"{caller()}: {what}{keystr(path)} has shape {tuple(leaf.shape)} but "
+                f"params{keystr(path)} has shape {tuple(shape)}{fix}"
+            )
+
+
 def _explain(what: str, params: PyTree, other: PyTree) -> None:
     detail = describe_difference(params, other, "params", what)
     raise ValueError(
@@ -180,6 +212,12 @@ def flat_update(
     g_leaves, g_spec = optree.tree_flatten(grads, namespace=_NAMESPACE)
     if not same_structure(grads, params, specs=(g_spec, spec)):
         _explain("grads", params, grads)
+    shapes = [p.shape for p in p_leaves]
+    if [g.shape for g in g_leaves] != shapes:
+        _check_shapes("grads", g_leaves, spec, shapes, ". Pass grads shaped like params.")
+    if not all(x.is_floating_point() for x in (*p_leaves, *g_leaves)):
+        check_floating("params", p_leaves, spec, TRAINABLE)
+        check_floating("grads", g_leaves, spec, "gradients are floating-point tensors.")
     b_leaves: dict[str, list[torch.Tensor] | None] = {}
     for name, tree in buffers.items():
         if tree is None:
@@ -188,8 +226,12 @@ def flat_update(
         leaves, b_spec = optree.tree_flatten(tree, namespace=_NAMESPACE)
         if not same_structure(tree, params, specs=(b_spec, spec)):
             _explain(f"state.{name}", params, tree)
+        if [b.shape for b in leaves] != shapes:
+            fix = (
+                ": the state was built for other params. Build it for these with opt.init(params)."
+            )
+            _check_shapes(f"state.{name}", leaves, spec, shapes, fix)
         b_leaves[name] = leaves
-    shapes = [p.shape for p in p_leaves]
     hp = resolve_all(hyperparams, spec, shapes)
     groups = _layout(spec, p_leaves)
     n = len(p_leaves)
@@ -297,6 +339,7 @@ def build(
                     f"{caller()}: parameter {keystr(path)} is a {type(leaf).__name__}, not a "
                     "tensor; pass a tree of tensors such as hg.split(model)[0]."
                 )
+        check_floating("params", p_leaves, spec, TRAINABLE)
         shapes = [p.shape for p in p_leaves]
         device = p_leaves[0].device if p_leaves else None
         step = torch.zeros((), dtype=scalar_step_dtype(), device=device)

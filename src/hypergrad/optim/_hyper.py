@@ -100,6 +100,16 @@ def check_form(name: str, value: Any) -> None:
     )
 
 
+def check_forms(hp: Mapping[str, Any]) -> None:
+    """``check_form`` for every hyperparameter, and for each item of a tuple (Adam's betas)."""
+    for name, value in hp.items():
+        if isinstance(value, tuple):
+            for i, item in enumerate(value):
+                check_form(f"{name}[{i}]", item)
+        else:
+            check_form(name, value)
+
+
 def check_hyperparams(
     hp: Mapping[str, Any],
     options: Mapping[str, Any] | None = None,

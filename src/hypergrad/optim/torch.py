@@ -93,7 +93,26 @@ def _merge(values: list[Any], names: list[list[str]]) -> Any:
     return {n: v for v, group in zip(values, names) for n in group}
 
 
-def from_torch(torch_optimizer: torch.optim.Optimizer, module_or_names: Any, /) -> Optimizer:
+def _check_arguments(torch_optimizer: Any, module_or_names: Any) -> None:
+    call = "hg.optim.from_torch(torch_optimizer, model)"
+    if isinstance(torch_optimizer, Optimizer):
+        raise TypeError(
+            f"{caller()}: torch_optimizer is already a hypergrad optimizer ({torch_optimizer!r}); "
+            "use it as it is, no conversion is needed."
+        )
+    if not isinstance(torch_optimizer, torch.optim.Optimizer):
+        raise TypeError(
+            f"{caller()}: torch_optimizer must be a torch.optim optimizer, got a "
+            f"{type(torch_optimizer).__name__}. The arguments come in the order {call}."
+        )
+    if module_or_names is None:
+        raise TypeError(
+            f"{caller()}: needs the module (or the parameter names) as well as the optimizer, to "
+            f"key the params by name: {call}, with the module the optimizer was built for."
+        )
+
+
+def from_torch(torch_optimizer: torch.optim.Optimizer, module_or_names: Any = None, /) -> Optimizer:
     """The functional optimizer equivalent to a ``torch.optim`` instance.
 
     Supports ``SGD``, ``Adam``, ``AdamW``, ``RMSprop`` and ``Adagrad``, with or without
@@ -107,13 +126,16 @@ def from_torch(torch_optimizer: torch.optim.Optimizer, module_or_names: Any, /) 
     Args:
         torch_optimizer: the torch optimizer to mirror (it is only read).
         module_or_names: the module whose ``named_parameters()`` the optimizer holds, or a list
-            of names, one per parameter in the order of ``param_groups``.
+            of names, one per parameter in the order of ``param_groups`` (required: the
+            functional optimizer keys its per-parameter values by these names).
 
     Returns:
         The equivalent [`Optimizer`][hypergrad.optim.Optimizer]; use it on params keyed by those
         names, e.g. ``hg.split(module)[0]``.
 
     Raises:
+        TypeError: ``torch_optimizer`` is not a ``torch.optim`` optimizer, or no module (or
+            names) is given.
         ValueError: an unsupported optimizer class; ``fused=True`` or ``capturable=True``; a
             group entry this library does not know; static options (``nesterov``,
             ``amsgrad``, ``centered``, ``maximize``) that differ between groups; parameters
@@ -129,6 +151,7 @@ def from_torch(torch_optimizer: torch.optim.Optimizer, module_or_names: Any, /) 
         ('adam', {'weight': 0.1, 'bias': 0.01})
     """
     with entered("hg.optim.from_torch"):
+        _check_arguments(torch_optimizer, module_or_names)
         cls = type(torch_optimizer)
         if cls not in _FAMILIES:
             supported = ", ".join(c.__name__ for c in _FAMILIES)

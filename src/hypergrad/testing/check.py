@@ -19,8 +19,9 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from hypergrad import tree as _tree
-from hypergrad._boundary import caller, entered
+from hypergrad._boundary import caller, entered, is_number
 from hypergrad._engine.batches import Batches
+from hypergrad._engine.checks import check_opt
 from hypergrad._engine.problem import outer_fn
 from hypergrad._engine.randomness import rng_devices, seeded
 from hypergrad.hypergradient import Hypergradient, hypergrad, map_hyper
@@ -28,6 +29,7 @@ from hypergrad.methods import Method
 from hypergrad.optim._base import Optimizer
 from hypergrad.trajectory import unroll
 from hypergrad.tree import PyTree
+from hypergrad.tree._base import check_alike
 
 __all__ = [
     "DirectionCheck",
@@ -387,6 +389,9 @@ def finite_difference(
         >>> finite_difference(f, torch.tensor(1.0, dtype=torch.float64), v)
         FiniteDifference(value=nan, formula='kink')
     """
+    with entered("hg.testing.finite_difference"):
+        check_alike([x, v])
+        _check_eps(eps)
     evaluate = _evaluator(f, kink_aware)
 
     def point(t: float) -> _Point:
@@ -394,6 +399,14 @@ def finite_difference(
 
     with torch.no_grad():
         return _directional(point, eps)
+
+
+def _check_eps(eps: Any) -> None:
+    if not is_number(eps) or not eps > 0:
+        raise ValueError(
+            f"{caller()}: eps must be a positive number (the finite-difference step), got "
+            f"{eps!r}. Pass e.g. eps=1e-5 for float64."
+        )
 
 
 def _double_leaf(x: Any) -> Any:
@@ -493,6 +506,8 @@ def check_hypergrad(
     with entered("hg.testing.check_hypergrad"):
         if directions < 1:
             raise ValueError(f"{caller()}: directions must be >= 1, got {directions}.")
+        _check_eps(eps)
+        check_opt(opt)
         params, aux, buffers = _double(params), _double(aux), _double(buffers)
         outer_batch = _double(outer_batch)
         batch_fn, steps = _double_batches(batches, steps)

@@ -5,8 +5,10 @@ parameter dicts returned by [`hg.split`][hypergrad.split] are the common case. E
 is pure (it returns new tensors and never modifies its inputs), differentiable, and works under
 ``torch.func.grad``, ``torch.func.jvp`` and ``torch.func.vmap``.
 
-Trees passed together must have the same structure; otherwise a ``ValueError`` names the first
-key path where they differ.
+Trees passed together must have the same structure, and the functions that combine them leaf by
+leaf (``add``, ``sub``, ``lerp``, ``mean``, ``vdot``, ``distance``, ``cosine``) the same leaf
+shapes: they never broadcast one tree's leaf against another's. Otherwise a ``ValueError`` names
+the first key path where they differ. (``map`` applies your function as it is.)
 
 Dtypes: leaf-wise functions (``map``, ``add``, ``sub``, ``scale``, ``lerp``, ``mean``) keep each
 leaf's own dtype, so a tree may mix float32 and float64 leaves; numbers and weights are cast to
@@ -38,7 +40,9 @@ from hypergrad._boundary import caller, entered
 from hypergrad.tree._base import (
     _NAMESPACE,
     PyTree,
+    check_alike,
     check_same_structure,
+    check_weights,
     key_paths,
     keystr,
     leaves,
@@ -115,7 +119,7 @@ def map(
 
 
 def _map2(fn: Callable[[Any, Any], Any], a: PyTree, b: PyTree) -> PyTree:
-    check_same_structure([a, b])
+    check_alike([a, b])
     return optree.tree_map(fn, a, b, namespace=_NAMESPACE)
 
 
@@ -158,7 +162,24 @@ def scale(tree: PyTree, factor: float | torch.Tensor, /) -> PyTree:
         >>> scale({"w": torch.tensor([1.0, 2.0])}, 0.5)
         {'w': tensor([0.5000, 1.0000])}
     """
+    with entered("hg.tree.scale"):
+        _check_scalar(factor, "factor")
     return optree.tree_map(lambda x: x * factor, tree, namespace=_NAMESPACE)
+
+
+def _check_scalar(value: Any, name: str) -> None:
+    """A number or a 0-d tensor (one per sample under vmap); else an error with the fix."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 0:
+            raise ValueError(
+                f"{caller()}: {name} must be a number or a 0-d tensor, got shape "
+                f"{tuple(value.shape)}. For a factor per leaf or per element use hg.tree.map, "
+                "e.g. hg.tree.map(lambda x, f: x * f, tree, factors)."
+            )
+    elif not (isinstance(value, (int, float)) and not isinstance(value, bool)):
+        raise TypeError(
+            f"{caller()}: {name} must be a number or a 0-d tensor, got a {type(value).__name__}."
+        )
 
 
 def vdot(a: PyTree, b: PyTree, /) -> torch.Tensor:
@@ -169,7 +190,7 @@ def vdot(a: PyTree, b: PyTree, /) -> torch.Tensor:
         tensor(11.)
     """
     with entered("hg.tree.vdot"):
-        check_same_structure([a, b])
+        check_alike([a, b])
     la, lb = leaves(a), leaves(b)
     if not la:
         return torch.zeros(())
@@ -308,30 +329,20 @@ def lerp(a: PyTree, b: PyTree, weight: float | torch.Tensor, /) -> PyTree:
         tensor([4., 6.])
     """
     with entered("hg.tree.lerp"):
+        _check_scalar(weight, "weight")
         return _map2(lambda x, y: torch.lerp(x, y, _as_weight(weight, x)), a, b)
 
 
 def _normalised(
     weights: Sequence[float] | torch.Tensor | None, n: int
 ) -> torch.Tensor | list[float]:
-    """``mean``'s weights, checked (one per tree) and divided by their sum."""
+    """``mean``'s weights, checked (one per tree, non-negative) and divided by their sum."""
     if weights is None:
         return [1.0 / n] * n
-    count = weights.shape[0] if isinstance(weights, torch.Tensor) else len(weights)
-    if (isinstance(weights, torch.Tensor) and weights.dim() != 1) or count != n:
-        shape = tuple(weights.shape) if isinstance(weights, torch.Tensor) else f"{count} items"
-        raise ValueError(
-            f"hg.tree.mean: expected {n} weights (one per tree), got {shape}. "
-            "Pass one weight per tree, e.g. weights=[1.0] * len(trees)."
-        )
+    check_weights(weights, n)
     if isinstance(weights, torch.Tensor):
         return weights / weights.sum()
     total = float(builtins.sum(weights))
-    if total == 0.0:
-        raise ValueError(
-            "hg.tree.mean: the weights sum to zero, so they cannot be normalised. "
-            "Pass non-negative weights with a positive sum."
-        )
     return [float(x) / total for x in weights]
 
 
@@ -359,8 +370,10 @@ def mean(
         One tree with the structure of each input tree (without the leading dimension).
 
     Raises:
-        ValueError: no trees, a weight count that does not match, weights that sum to zero
-            (checked for plain numbers only), or trees of different structure.
+        ValueError: no trees, a weight count that does not match, a negative weight (tensor
+            weights: where their values can be read, not under a transform), weights that sum
+            to zero (checked for plain numbers only), or trees of different structure or leaf
+            shapes.
 
     Examples:
         >>> t0, t1 = {"w": torch.tensor([0.0, 4.0])}, {"w": torch.tensor([4.0, 8.0])}
@@ -394,8 +407,9 @@ def mean(
         if n == 0:
             raise ValueError("hg.tree.mean: got an empty list of trees; pass at least one tree.")
         with entered("hg.tree.mean"):
-            check_same_structure(list(trees))
-    w = _normalised(weights, n)
+            check_alike(list(trees))
+    with entered("hg.tree.mean"):
+        w = _normalised(weights, n)
 
     if stacked:
 
@@ -508,5 +522,5 @@ def cosine(a: PyTree, b: PyTree, /, *, eps: float = 1e-12) -> torch.Tensor:
         0.7071
     """
     with entered("hg.tree.cosine"):
-        check_same_structure([a, b])
+        check_alike([a, b])
     return vdot(a, b) / (norm(a).clamp_min(eps) * norm(b).clamp_min(eps))

@@ -126,3 +126,91 @@ def check_same_structure(trees: Sequence[PyTree]) -> None:
                 f"{describe_difference(trees[0], t, 'the first tree', which)}. "
                 "Pass trees with the same keys, e.g. both from hg.split(model)."
             )
+
+
+def check_same_shapes(trees: Sequence[PyTree]) -> None:
+    """Raise ``ValueError`` naming the first leaf whose shape differs between ``trees``.
+
+    Leaf-wise maths never broadcasts one tree's leaf against another's: ``{"w": ones(3)}`` and
+    ``{"w": ones(1)}`` are two different models, not a model and a scale. The trees must
+    already share one structure (``check_same_structure``).
+
+    Examples:
+        >>> from hypergrad._boundary import entered
+        >>> with entered("hg.tree.add"):
+        ...     check_same_shapes([{"w": torch.ones(3)}, {"w": torch.ones(1)}])
+        Traceback (most recent call last):
+        ...
+        ValueError: hg.tree.add: leaf ['w'] has shape (3,) in the first tree but (1,) in the second; leaf-wise maths needs the same shapes (it does not broadcast between trees). Pass trees of one model, e.g. both from hg.split(model), or use hg.tree.map to broadcast on purpose.
+    """
+    if len(trees) < 2:
+        return
+    paths, first, _ = optree.tree_flatten_with_path(trees[0], namespace=_NAMESPACE)
+    for i, t in enumerate(trees[1:], start=1):
+        for path, a, b in zip(paths, first, leaves(t)):
+            if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape != b.shape:
+                which = "the second" if i == 1 else f"tree number {i + 1}"
+                raise ValueError(
+                    f"{caller()}: leaf {keystr(path)} has shape {tuple(a.shape)} in the first "
+                    f"tree but {tuple(b.shape)} in {which}; leaf-wise maths needs the same "
+                    "shapes (it does not broadcast between trees). Pass trees of one model, e.g. "
+                    "both from hg.split(model), or use hg.tree.map to broadcast on purpose."
+                )
+
+
+def check_alike(trees: Sequence[PyTree]) -> None:
+    """``check_same_structure`` and ``check_same_shapes``: trees of one model."""
+    check_same_structure(trees)
+    check_same_shapes(trees)
+
+
+def readable(t: torch.Tensor) -> bool:
+    """Whether ``t``'s values may be read now (not under vmap/grad/compile, not on meta)."""
+    if torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(t):
+        return False
+    return t.device.type != "meta"
+
+
+def check_weights(weights: Sequence[float] | torch.Tensor | None, count: int | None) -> None:
+    """Averaging weights: ``count`` of them (when given), non-negative, not all zero.
+
+    Tensor weights are checked where their values can be read (not under a transform).
+
+    Examples:
+        >>> from hypergrad._boundary import entered
+        >>> with entered("hg.clients.fedavg"):
+        ...     check_weights([1.0, -0.5], 2)
+        Traceback (most recent call last):
+        ...
+        ValueError: hg.clients.fedavg: weight 1 is -0.5; weights must be non-negative (they are normalised to sum to one). Pass e.g. each client's number of examples.
+    """
+    if weights is None:
+        return
+    if isinstance(weights, torch.Tensor):
+        n, shape = (weights.shape[0] if weights.dim() else 0), str(tuple(weights.shape))
+        wrong = weights.dim() != 1
+    else:
+        n, wrong = len(weights), False
+        shape = f"{n} items"
+    if wrong or (count is not None and n != count):
+        raise ValueError(
+            f"{caller()}: expected {count} weights (one per tree), got {shape}. "
+            "Pass one weight per tree, e.g. weights=[1.0] * len(trees)."
+        )
+    if isinstance(weights, torch.Tensor):
+        if not readable(weights):
+            return
+        values = [float(w) for w in weights.detach().tolist()]
+    else:
+        values = [float(w) for w in weights]
+    for i, w in enumerate(values):
+        if not w >= 0:
+            raise ValueError(
+                f"{caller()}: weight {i} is {w}; weights must be non-negative (they are "
+                "normalised to sum to one). Pass e.g. each client's number of examples."
+            )
+    if not isinstance(weights, torch.Tensor) and sum(values) == 0.0:
+        raise ValueError(
+            f"{caller()}: the weights sum to zero, so they cannot be normalised. "
+            "Pass non-negative weights with a positive sum."
+        )
