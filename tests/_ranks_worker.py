@@ -248,6 +248,41 @@ class Checks:
         close(ours.value, one.value, "value")
         close(ours.aux, one.aux, "aux")
 
+    def random_outer_loss(self):  # every rank takes rank 0's seed: one outer computation
+        from hypergrad._engine.randomness import draw_seed
+
+        def noisy(server, aux, val):
+            return outer(server, aux, val) * (1 + 0.1 * torch.rand((), dtype=torch.float64))
+
+        a, opt = self.all, hg.optim.sgd(lr=0.1)
+        torch.manual_seed(100)
+        seed = draw_seed()  # what rank 0 draws below
+        one = hg.clients.hypergrad(
+            noisy,
+            inner,
+            a["params"],
+            opt,
+            a["batches"],
+            a["val"],
+            aux=a["aux"],
+            rounds=R,
+            seed=seed,
+        )
+        torch.manual_seed(100 + self.rank)
+        ours = hg.clients.hypergrad(
+            noisy,
+            inner,
+            self.local("params"),
+            opt,
+            self.local("batches"),
+            a["val"],
+            aux=a["aux"],
+            rounds=R,
+            process_group=self.group,
+        )
+        close(ours.value, one.value, "value")
+        close(ours.aux, one.aux, "aux")
+
     def unroll(self):
         a, opt = self.all, hg.optim.sgd(lr=0.1)
         one = hg.unroll(
@@ -360,6 +395,18 @@ class Checks:
         )
         self.expect_failure(run, "different calls", "params")
 
+    def a_rank_without_clients(self):
+        params, (x, y) = self.local("params"), self.local("batches")
+        if self.rank == 0:
+            params = hg.tree.map(lambda p: p[:0], params)
+            x, y = x[:, :0], y[:, :0]
+        a = self.all
+        run = lambda: hg.clients.hypergrad(  # noqa: E731
+            outer, inner, params, hg.optim.sgd(lr=0.1), (x, y), a["val"], aux=a["aux"],
+            rounds=R, process_group=self.group,
+        )  # fmt: skip
+        self.expect_failure(run, "rank 0:", "no clients")
+
     def forward_refuses_stacked_inputs(self):
         self.expect_failure(
             lambda: self.call(method="forward", wrt=("aux", "params")), "forward", "shared"
@@ -371,10 +418,10 @@ class Checks:
 
 CHECKS = [
     "reverse", "reverse_adam_weights", "checkpointed", "truncated", "first_order", "chunks",
-    "forward", "params_stacked", "params_shared", "custom_aggregate", "per_client_lr", "buffers",
+    "forward", "params_stacked", "params_shared", "custom_aggregate", "per_client_lr", "buffers", "random_outer_loss",
     "unroll", "exception_in_a_loss", "nan_in_a_batch", "nan_in_an_unroll",
     "bad_argument_on_one_rank", "different_rounds", "different_method", "different_structure",
-    "forward_refuses_stacked_inputs", "still_in_step",
+    "a_rank_without_clients", "forward_refuses_stacked_inputs", "still_in_step",
 ]  # fmt: skip
 
 

@@ -292,6 +292,10 @@ def federate(setup: Setup, clients: Clients) -> Federation:
     )  # fmt: skip
     how = setup.method
     ranks = None if clients.process_group is None else Ranks(clients.process_group)
+    weight = None
+    if ranks is not None:  # every rank makes the same call, and draws rank 0's seed
+        weight, seed = _agree(setup, clients, dims, count, total // rounds, ranks)
+        setup = dataclasses.replace(setup, seed=seed)
     by_chunk = clients.chunk_size is not None and how is not None and how.reverse_mode
     vmap = {
         "chunk_size": None if by_chunk else clients.chunk_size,
@@ -317,21 +321,22 @@ def federate(setup: Setup, clients: Clients) -> Federation:
         step=guarded(step),
         multi=multi_step(step),
         init=lambda p, h: init_one(p, h)[0],
-        **_aggregation(setup, clients, dims, count, total // rounds, ranks),
+        **_aggregation(clients, ranks, weight),
         ranks=ranks,
         by_chunk=by_chunk,
     )
 
 
-def _aggregation(
-    setup: Setup, clients: Clients, dims: dict, count: int, steps: int, ranks: Ranks | None
-) -> dict[str, Callable[[PyTree], PyTree]]:
-    """``aggregate`` and ``share``: one process's, or the sum over ranks of each rank's share
-    (after checking that every rank makes the same call)."""
-    if ranks is None:
-        one = clients.aggregator()
-        return {"aggregate": one, "boundary": one, "share": one}
+def _agree(
+    setup: Setup, clients: Clients, dims: dict, count: int, steps: int, ranks: Ranks
+) -> tuple[float, int]:
+    """Check that every rank makes the same call; the total client weight and rank 0's seed."""
     _check_forward(setup, dims)
+    if count == 0:
+        raise ValueError(
+            f"{caller()}: this rank holds no clients; with process_group every rank needs at "
+            "least one (spread the clients so that each rank has some)."
+        )
     weights = clients.weights
     fingerprint = {
         "the call": caller(),
@@ -351,9 +356,20 @@ def _aggregation(
         "check_finite": str(setup.check_finite),
     }
     local = count if weights is None else float(torch.as_tensor(weights).sum())
-    total = same_call(ranks, fingerprint, local)
+    return same_call(ranks, fingerprint, local, setup.seed)
+
+
+def _aggregation(
+    clients: Clients, ranks: Ranks | None, weight: float | None
+) -> dict[str, Callable[[PyTree], PyTree]]:
+    """``aggregate``, ``boundary`` and ``share``: one process's, or over ranks the sum of each
+    rank's share (FedAvg's divided by ``weight``, the total weight of every rank's clients)."""
+    if ranks is None:
+        one = clients.aggregator()
+        return {"aggregate": one, "boundary": one, "share": one}
+    assert weight is not None
     share = clients.aggregate or functools.partial(
-        fedavg_share, weights=weights, total=total, rank=ranks.rank
+        fedavg_share, weights=clients.weights, total=weight, rank=ranks.rank
     )
     return {
         "aggregate": lambda tree: sum_ranks(ranks, share(tree)),

@@ -306,17 +306,21 @@ def sum_shared(ranks: Ranks, trees: dict[str, PyTree], dims: dict[str, Any]) -> 
     }
 
 
-def same_call(ranks: Ranks, fingerprint: dict[str, str], weight: float) -> float:
-    """Check that every rank makes the same call; return the total client weight of all ranks.
+def same_call(
+    ranks: Ranks, fingerprint: dict[str, str], weight: float, seed: int
+) -> tuple[float, int]:
+    """Check that every rank makes the same call; the total client weight, and rank 0's seed.
 
     ``fingerprint`` names what must agree (K, rounds, the method, the structure of the params
-    ...); ``weight`` is this rank's client count, or the sum of its FedAvg weights.
+    ...); ``weight`` is this rank's client count, or the sum of its FedAvg weights. Every rank
+    takes rank 0's ``seed``, so that random numbers in the outer loss (the same computation on
+    every rank) are the same.
     """
     ranks.check()
-    everyone = ranks.gather((fingerprint, float(weight)))
+    everyone = ranks.gather((fingerprint, float(weight), int(seed)))
     differ = []
     for key, mine in fingerprint.items():
-        values = [fp.get(key) for fp, _ in everyone]
+        values = [fp.get(key) for fp, _, _ in everyone]
         if any(v != mine for v in values):
             said = ", ".join(f"rank {r} has {v}" for r, v in enumerate(values))
             differ.append(f"{key}: {said}")
@@ -327,7 +331,7 @@ def same_call(ranks: Ranks, fingerprint: dict[str, str], weight: float) -> float
             "method, wrt, steps, rounds and options, and params of the same structure (only "
             "the number of clients and their data may differ)."
         )
-    return sum(w for _, w in everyone)
+    return sum(w for _, w, _ in everyone), everyone[0][2]
 
 
 def describe(tree: PyTree, dims: Any) -> str:
