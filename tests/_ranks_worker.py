@@ -140,6 +140,9 @@ class Checks:
     def first_order(self):  # aux["s"] enters the inner loss only: wrt the rest
         self.compare("first_order", hg.optim.sgd(lr=0.1), wrt=("lr",))
 
+    def forward_chunked(self):
+        self.compare(hg.Forward(chunk_size=2), hg.optim.adam(lr=0.05))
+
     def chunks(self):
         self.compare("reverse", hg.optim.sgd(lr=0.1), chunk_size=2)
 
@@ -335,6 +338,37 @@ class Checks:
 
         self.expect_failure(lambda: self.call(loss), f"rank {last} of the {self.world}", "boom")
 
+    def exception_in_a_backward(self):  # raised inside the backward pass, mid-collectives
+        rank = self.rank
+
+        class Fragile(torch.autograd.Function):
+            @staticmethod
+            def forward(x):
+                return x.clone()
+
+            @staticmethod
+            def setup_context(ctx, inputs, output):
+                pass
+
+            @staticmethod
+            def backward(ctx, g):
+                if rank == 1:
+                    raise ValueError("boom in a backward pass")
+                return g
+
+        def loss(p, aux, batch):  # its gradient is taken in the forward pass (no error there)
+            return inner(p, aux, batch)
+
+        def server_loss(server, aux, val):
+            return outer({"w": Fragile.apply(server["w"]), "b": server["b"]}, aux, val)
+
+        a = self.all
+        run = lambda: hg.clients.hypergrad(  # noqa: E731
+            server_loss, loss, self.local("params"), hg.optim.sgd(lr=0.1),
+            self.local("batches"), a["val"], aux=a["aux"], rounds=R, process_group=self.group,
+        )  # fmt: skip
+        self.expect_failure(run, "rank 1:", "boom in a backward pass")
+
     def nan_in_a_batch(self):
         x, y = self.local("batches")
         if self.rank == 1:
@@ -418,10 +452,11 @@ class Checks:
 
 CHECKS = [
     "reverse", "reverse_adam_weights", "checkpointed", "truncated", "first_order", "chunks",
-    "forward", "params_stacked", "params_shared", "custom_aggregate", "per_client_lr", "buffers", "random_outer_loss",
-    "unroll", "exception_in_a_loss", "nan_in_a_batch", "nan_in_an_unroll",
-    "bad_argument_on_one_rank", "different_rounds", "different_method", "different_structure",
-    "a_rank_without_clients", "forward_refuses_stacked_inputs", "still_in_step",
+    "forward", "forward_chunked", "params_stacked", "params_shared", "custom_aggregate",
+    "per_client_lr", "buffers", "random_outer_loss", "unroll", "exception_in_a_loss",
+    "exception_in_a_backward", "nan_in_a_batch", "nan_in_an_unroll", "bad_argument_on_one_rank",
+    "different_rounds", "different_method", "different_structure", "a_rank_without_clients",
+    "forward_refuses_stacked_inputs", "still_in_step",
 ]  # fmt: skip
 
 
