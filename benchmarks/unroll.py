@@ -2,11 +2,16 @@
 
 Part 1 (time). The hypergradient of a validation loss with respect to an L2 coefficient ``aux``
 of the inner loss (``CE + aux * ||params||^2``), through K steps of SGD or Adam, for an MLP
-784-256-256-10 and a small CNN, batch 128, K in {5, 20, 100}. Each time is divided by the time
+784-256-256-10, a small CNN and a small transformer (the 784 inputs read as 28 rows of 28
+pixels; two encoder layers, d 64), batch 128, K in {5, 20, 100}. Each time is divided by the time
 of the same K plain training steps with ``torch.optim`` (forward, backward, step; no
 meta-graph), measured in the same run. Side by side: ``hg.hypergrad(method="reverse")``, a
 hand-written ``torch.autograd.grad(create_graph=True)`` unroll, and ``higher`` / ``torchopt``
-when they are importable. Median of ``--repeats`` runs after one warm-up.
+when they are importable; for the transformer also plain training with attention through its
+math backend (``plain_math_attention``), the backend a hypergradient's steps use: its ratio is
+what the math backend costs, and a table of one plain training step of an encoder layer at
+sequence lengths 32, 128 and 512, fused kernel against math backend. Median of ``--repeats``
+runs after one warm-up.
 
 Part 2 (memory). Peak memory of each method vs K (up to 1000) on a small MLP (100-128-10,
 batch 32, SGD with momentum). Each point runs in a fresh subprocess: a warm-up, then a run
@@ -20,8 +25,9 @@ glibc's live allocated bytes (``mallinfo2``, sampled every 5 ms in a thread, plu
 peak RSS for reference: RSS also counts memory the allocator keeps after it is freed), above the
 live bytes just before the run.
 
-Run: ``python benchmarks/unroll.py`` (about 5 minutes on 2 cores) or ``--quick`` (smoke).
-Writes ``benchmarks/results/unroll.json``.
+Run: ``python benchmarks/unroll.py`` (several minutes on 2 cores) or ``--quick`` (smoke);
+``--models transformer --ks 5 20 --no-memory`` for the transformer rows alone.
+Writes ``benchmarks/results/unroll.json`` (``unroll_partial.json`` for a partial run).
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ import torch
 import torch.nn.functional as F
 from _timing import interleaved_medians
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import hypergrad as hg
 
@@ -78,7 +85,26 @@ class SmallCNN(nn.Module):
         return self.fc(x.flatten(1))
 
 
-MODELS = {"mlp": mlp, "cnn": SmallCNN}
+class RowTransformer(nn.Module):
+    """A 784-vector read as 28 rows of 28 pixels: row embedding, learned positions, two
+    pre-norm encoder layers (d 64, 4 heads, no dropout), mean over rows, linear head."""
+
+    def __init__(self, d: int = 64) -> None:
+        super().__init__()
+        self.embed = nn.Linear(28, d)
+        self.position = nn.Parameter(0.02 * torch.randn(28, d))
+        layer = nn.TransformerEncoderLayer(d, 4, 2 * d, dropout=0.0, batch_first=True,
+                                           norm_first=True)  # fmt: skip
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(d)
+        self.head = nn.Linear(d, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.encoder(self.embed(x.view(-1, 28, 28)) + self.position)
+        return self.head(self.norm(h).mean(1))
+
+
+MODELS = {"mlp": mlp, "cnn": SmallCNN, "transformer": RowTransformer}
 
 
 def data(steps: int, batch: int, features: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
@@ -109,6 +135,12 @@ def run_plain(model: nn.Module, family: str, x, y, vx, vy, aux) -> None:
         opt.step()
 
 
+@sdpa_kernel([SDPBackend.MATH])
+def run_plain_math(model: nn.Module, family: str, x, y, vx, vy, aux) -> None:
+    """The baseline with attention through its math backend, as a hypergradient runs it."""
+    run_plain(model, family, x, y, vx, vy, aux)
+
+
 def run_hg(model: nn.Module, family: str, x, y, vx, vy, aux, method="reverse") -> torch.Tensor:
     params, _ = hg.split(model)
     opt = hg.optim.sgd(lr=LR[family]) if family == "sgd" else hg.optim.adam(lr=LR[family])
@@ -122,6 +154,9 @@ def run_hg(model: nn.Module, family: str, x, y, vx, vy, aux, method="reverse") -
     return hg.hypergrad(outer, inner, params, opt, (x, y), (vx, vy), aux=aux, method=method).aux
 
 
+# attention's fused kernels have no double backward: the other contenders need its math backend
+# too (for the MLP and the CNN it changes nothing)
+@sdpa_kernel([SDPBackend.MATH])
 def run_hand(model: nn.Module, family: str, x, y, vx, vy, aux) -> torch.Tensor:
     """The hand-written unroll: autograd.grad(create_graph=True) and the update rule inline."""
     names = [n for n, _ in model.named_parameters()]
@@ -149,6 +184,7 @@ def run_hand(model: nn.Module, family: str, x, y, vx, vy, aux) -> torch.Tensor:
     return g
 
 
+@sdpa_kernel([SDPBackend.MATH])
 def run_higher(model: nn.Module, family: str, x, y, vx, vy, aux) -> torch.Tensor:
     import higher
 
@@ -163,6 +199,7 @@ def run_higher(model: nn.Module, family: str, x, y, vx, vy, aux) -> torch.Tensor
     return g
 
 
+@sdpa_kernel([SDPBackend.MATH])
 def run_torchopt(model: nn.Module, family: str, x, y, vx, vy, aux) -> torch.Tensor:
     import torchopt
 
@@ -195,6 +232,8 @@ def time_table(ks: list[int], repeats: int, models: list[str]) -> list[dict[str,
             contenders[name] = fn
         else:
             print(f"({name} not importable: skipped)")
+    if "transformer" in models:  # what the math backend costs plain training
+        contenders["plain_math_attention"] = run_plain_math
     rows = []
     header = f"{'model':>5} {'opt':>4} {'K':>4} {'plain ms':>9} " + " ".join(
         f"{c + ' x':>14}" for c in contenders
@@ -210,6 +249,8 @@ def time_table(ks: list[int], repeats: int, models: list[str]) -> list[dict[str,
                 args = (model, family, x, y, vx, vy, aux)
                 fns = {"plain": functools.partial(run_plain, *args)}
                 for name, fn in contenders.items():
+                    if fn is run_plain_math and model_name != "transformer":
+                        continue
                     fns[name] = functools.partial(fn, *args)
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
@@ -218,15 +259,49 @@ def time_table(ks: list[int], repeats: int, models: list[str]) -> list[dict[str,
                 plain = medians["plain"]
                 row: dict[str, Any] = {"model": model_name, "opt": family, "K": k,
                                        "plain_s": plain}  # fmt: skip
-                for name in contenders:
+                for name in fns:
                     row[f"{name}_s"] = medians[name]
                     row[f"{name}_ratio"] = medians[name] / plain
                 rows.append(row)
                 print(
-                    f"{model_name:>5} {family:>4} {k:>4} {plain * 1e3:>9.1f} "
-                    + " ".join(f"{row[c + '_ratio']:>14.2f}" for c in contenders),
+                    f"{model_name[:5]:>5} {family:>4} {k:>4} {plain * 1e3:>9.1f} "
+                    + " ".join(f"{row.get(c + '_ratio', math.nan):>14.2f}" for c in contenders),
                     flush=True,
                 )
+    return rows
+
+
+def _encoder_step(length: int) -> Any:
+    """One plain training step (forward, backward, Adam) of an encoder layer at length L."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(64, 4, 128, dropout=0.0, batch_first=True)
+    opt = torch.optim.Adam(layer.parameters())
+    x = torch.randn(16, length, 64)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        layer(x).square().mean().backward()
+        opt.step()
+
+    return step
+
+
+def attention_table(lengths: list[int], repeats: int) -> list[dict[str, Any]]:
+    """A plain training step of an encoder layer (d 64, 4 heads, batch 16) at sequence length
+    L: attention through torch's fused kernel, then through its math backend (what a
+    hypergradient's steps use)."""
+    print("\nplain training step of an encoder layer, math backend / fused kernel")
+    print(f"{'L':>5} {'fused ms':>9} {'math ms':>9} {'math x':>7}")
+    rows = []
+    for length in lengths:
+        step = _encoder_step(length)
+        math_step = sdpa_kernel([SDPBackend.MATH])(step)
+        medians = interleaved_medians({"fused": step, "math": math_step}, repeats, clock=CLOCK)
+        row = {"L": length, "fused_s": medians["fused"], "math_s": medians["math"]}
+        row["math_ratio"] = row["math_s"] / row["fused_s"]
+        rows.append(row)
+        print(f"{length:>5} {row['fused_s'] * 1e3:>9.1f} {row['math_s'] * 1e3:>9.1f} "
+              f"{row['math_ratio']:>7.2f}", flush=True)  # fmt: skip
     return rows
 
 
@@ -377,6 +452,10 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a smoke run (seconds)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS),
+                        help="the time table's models (default: all)")  # fmt: skip
+    parser.add_argument("--ks", nargs="+", type=int, help="the time table's K (default 5 20 100)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the memory table")
     parser.add_argument("--memory-child", nargs=2, metavar=("METHOD", "K"), help=argparse.SUPPRESS)
     parser.add_argument("--timing", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -386,15 +465,22 @@ def main() -> None:
     ks, mem_ks, repeats = (
         ([5], [10, 50], 1) if args.quick else ([5, 20, 100], [10, 100, 1000], args.repeats)
     )
+    ks = args.ks or ks
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), CPU time")
     print("time of one hypergradient / time of the same K plain torch.optim steps")
-    rows = time_table(ks, repeats, ["mlp", "cnn"])
-    memory = memory_table(mem_ks)
+    rows = time_table(ks, repeats, args.models)
+    attention = []
+    if "transformer" in args.models:
+        attention = attention_table([32] if args.quick else [32, 128, 512], max(repeats, 3))
+    memory = [] if args.no_memory else memory_table(mem_ks)
     summary = summarise(rows, memory)
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / ("unroll_quick.json" if args.quick else "unroll.json")
-    payload = {"time": rows, "memory": memory, "summary": summary, "torch": torch.__version__,
+    partial = args.no_memory or args.models != list(MODELS) or args.ks
+    name = "unroll_quick" if args.quick else "unroll_partial" if partial else "unroll"
+    out = RESULTS / f"{name}.json"
+    payload = {"time": rows, "attention": attention, "memory": memory, "summary": summary,
+               "torch": torch.__version__,
                "threads": args.threads, "clock": "process_time"}  # fmt: skip
     out.write_text(json.dumps(payload, indent=1))
     print(f"\nwrote {out}")
@@ -404,6 +490,13 @@ def summarise(rows: list[dict[str, Any]], memory: list[dict[str, Any]]) -> dict[
     """Print and return the numbers the targets are stated in."""
     worst = max(r["hg_reverse_ratio"] for r in rows)
     vs_hand = [r["hg_reverse_s"] / r["hand_written_s"] for r in rows]
+    for model in sorted({r["model"] for r in rows}):
+        mine = [r for r in rows if r["model"] == model]
+        print(f"  {model}: reverse / plain {max(r['hg_reverse_ratio'] for r in mine):.2f}x "
+              f"(worst), reverse / hand-written "
+              f"{max(r['hg_reverse_s'] / r['hand_written_s'] for r in mine):.2f}x (worst)")  # fmt: skip
+    if not memory:
+        return {"reverse_over_plain_max": worst, "reverse_over_hand_written_max": max(vs_hand)}
     last, first = memory[-1], memory[0]
     ck = next(n for n in last if n.startswith("checkpointed"))
     summary = {

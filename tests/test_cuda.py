@@ -26,6 +26,7 @@ import torch
 import hypergrad as hg
 import test_clients as tclients
 import test_compile as tcompile
+import test_modules as tmodules
 import test_optim_torch as toptim
 
 F64 = torch.float64
@@ -205,6 +206,27 @@ def test_padded_clients_on_device_equal_cpu():
 
 # --------------------------------------------------------------------------------------------
 # hg.optim: the functional optimizers follow torch.optim on the device
+
+
+@pytest.mark.parametrize(
+    ("method", "dropout"),
+    [(hg.Checkpointed(1), 0.1), (hg.Truncated(tmodules.K), 0.1), ("forward", 0.0)],
+    ids=["checkpointed-dropout", "truncated-dropout", "forward"],
+)
+def test_a_float32_transformer_on_device_agrees_in_every_method(method, dropout):
+    # float32 is where CUDA's fused attention kernels (memory-efficient, cuDNN) apply to plain
+    # training; the steps of a hypergradient must use the math backend instead, dropout included
+    prob = tmodules.lm_problem(dropout=dropout, dtype=torch.float32, device=DEVICE)
+    reverse = hg.hypergrad(*prob["args"], method="reverse", **prob["kw"])
+    other = hg.hypergrad(*prob["args"], method=method, **prob["kw"])
+    assert other.aux.device.type == DEVICE
+    torch.testing.assert_close(other.aux, reverse.aux, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(other.hyperparams, reverse.hyperparams, rtol=1e-4, atol=1e-6)
+
+
+def test_a_transformer_on_device_matches_check_hypergrad():
+    prob = tmodules.lm_problem(dropout=0.1, device=DEVICE)
+    hg.testing.check_hypergrad(*prob["args"], method="reverse", **prob["kw"], rtol=1e-6)
 
 
 @pytest.mark.parametrize("foreach", [False, True], ids=["for-loop", "foreach"])

@@ -1,4 +1,4 @@
-"""The claims of tutorials 5-8 and of the flagship demo, on their example scripts (small settings)."""
+"""The claims of tutorials 5-9 and of the flagship demo, on their example scripts (small settings)."""
 
 from __future__ import annotations
 
@@ -38,6 +38,13 @@ def test_maml_init_adapts_better_than_a_random_init():
     r = run("maml_sine", meta_iterations=150, test_tasks=50)
     assert r["maml_after"] < r["random_init_after"] * 0.75
     assert r["maml_after"] < r["maml_before"]  # the few steps of adaptation help
+
+
+def test_learned_per_block_learning_rates_train_the_transformer_better():
+    r = run("transformer_lr", meta_iterations=3, steps=8)
+    assert len(r["val_loss"]) == 4 and r["lr_history"].shape == (4, 5)
+    assert r["val_loss"][-1] < r["val_loss"][0]
+    assert r["learned_test_loss"] < r["fixed_test_loss"]
 
 
 def test_reweighting_beats_unweighted_training_under_label_noise():

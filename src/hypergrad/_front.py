@@ -29,6 +29,7 @@ from hypergrad._engine.checks import check_float, check_inner_grad, check_opt, c
 from hypergrad._engine.compile import Compile, check_compile
 from hypergrad._engine.diagnosis import all_finite, locate_nonfinite, raise_nonfinite
 from hypergrad._engine.hyper import parse_wrt, to_tensor
+from hypergrad._engine.kernels import explain_missing_rule
 from hypergrad._engine.problem import Problem, outer_fn, run_steps
 from hypergrad._engine.randomness import draw_seed, rng_devices
 from hypergrad._engine.step import in_functorch_transform, make_step, multi_step
@@ -138,6 +139,20 @@ class Setup:
         return self.method is not None and self.method.first_order
 
     @property
+    def math_attention(self) -> bool:
+        """Whether every step and the outer loss run attention through its math backend.
+
+        So in a call that differentiates inner gradients (every method but ``"first_order"``):
+        the steps it runs without a graph (``hg.Checkpointed``'s first pass, ``hg.Truncated``'s
+        first steps) draw the same dropout masks as those it differentiates, and forward mode
+        gets the forward-mode rules it needs in the outer loss too. And with clients: torch's
+        fused kernels have no vmap rule. Other steps choose for themselves
+        (``hypergrad._engine.step``).
+        """
+        differentiates = self.method is not None and not self.method.first_order
+        return differentiates or self.clients is not None
+
+    @property
     def step_inner_grad(self) -> str:
         """How the step takes the inner gradient: torch.func where a transform or compile needs it."""
         functional = self.method is not None and self.method.functional
@@ -194,7 +209,7 @@ def set_up(
     # The losses get copies: an in-place change inside them never reaches the caller's tensors.
     params, aux, state, buffers = copied((params, aux, state, buffers))
     outer_batch = copied(outer_batch)
-    return Setup(
+    setup = Setup(
         inner_loss=inner_loss,
         params=params,
         opt=opt,
@@ -211,11 +226,14 @@ def set_up(
         method=how,
         targets=targets,
         hyper_names=names,
-        outer=None
-        if outer_loss is None
-        else outer_fn(outer_loss, outer_batch, buffers is not None),
         clients=clients,
     )
+    if outer_loss is None:
+        return setup
+    outer = outer_fn(
+        outer_loss, outer_batch, buffers is not None, math_attention=setup.math_attention
+    )
+    return dataclasses.replace(setup, outer=outer)
 
 
 def _check_seed(seed: Any) -> None:
@@ -273,6 +291,7 @@ def single_problem(setup: Setup) -> Problem:
         first_order=setup.first_order,
         compile=setup.compile,
         steps=setup.source.steps,
+        math_attention=setup.math_attention,
     )
     return Problem(
         step=step,
@@ -332,7 +351,13 @@ def differentiate(setup: Setup, problem: Problem, runner: Runner | None = None) 
     how.validate(problem)
     run = runner or how
     with progress_bar(setup.progress, run.evaluations(problem), repr(how)) as bar:
-        result = run(_with_bar(problem, bar))
+        try:
+            result = run(_with_bar(problem, bar))
+        except (RuntimeError, NotImplementedError) as error:
+            explained = explain_missing_rule(error, repr(how))
+            if explained is None:
+                raise
+            raise explained from error
     if setup.check_finite:
         grads = [g for g in _tree.leaves(result.grads) if isinstance(g, torch.Tensor)]
         bad = not all_finite(result.value, result.losses, *grads)

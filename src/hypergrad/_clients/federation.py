@@ -303,7 +303,7 @@ def federate(setup: Setup, clients: Clients) -> Federation:
     }
     step = vmapped_step(
         setup.inner_loss, setup.opt, setup.has_buffers, setup.first_order, dims,
-        setup.step_inner_grad, **vmap,
+        setup.step_inner_grad, setup.math_attention, **vmap,
     )  # fmt: skip
     if setup.compile is not None:  # the vmapped step (torch.func inside) compiled
         key = step_key(setup.inner_loss, setup.opt, has_buffers=setup.has_buffers,

@@ -74,6 +74,7 @@ def vmapped_step(
     first_order: bool,
     dims: dict,
     inner_grad: str,
+    math_attention: bool = False,
     **options: Any,
 ) -> Callable[..., tuple[PyTree, PyTree, PyTree, torch.Tensor]]:
     """``step(params, state, buffers, aux, hp, batch)`` over stacked clients.
@@ -84,11 +85,13 @@ def vmapped_step(
     client ``c``'s params only, so the gradient of the sum is each client's own gradient),
     and the optimizer update is vmapped. Same numbers; the second records a much lighter
     meta-graph (plain batched ops instead of functorch's wrappers). ``"auto"`` picks
-    ``"func"`` inside a torch.func transform, else ``"autograd"``.
+    ``"func"`` inside a torch.func transform, else ``"autograd"``. ``math_attention``: as for
+    the engine's ``make_step``.
     """
     in_dims = (dims["aux"], dims["hyperparams"], dims["batches"])
     single = make_step(
         inner_loss, opt, has_buffers=has_buffers, inner_grad="func", first_order=first_order,
+        math_attention=math_attention,
     )  # fmt: skip
     by_func = vmap_trees(single, 3, in_dims, **options)
 
@@ -113,6 +116,7 @@ def vmapped_step(
     by_autograd = make_step(
         total, StackedOptimizer(opt, dims["hyperparams"], **options),  # type: ignore[arg-type]
         has_buffers=has_buffers, inner_grad="autograd", first_order=first_order,
+        math_attention=math_attention,
     )  # fmt: skip
 
     def step(p, s, b, a, h, batch):

@@ -6,6 +6,8 @@ Modules, bottom to top (see the Architecture page of the docs):
 - ``notices``: torch's own deprecation notices, kept from the user.
 - ``randomness``: per-step seeds.
 - ``batches``: ``Batches``, the batch of step k from any accepted argument.
+- ``kernels``: ops without the derivative rules a hypergradient needs (attention's math
+  backend; errors that name a module torch cannot differentiate twice).
 - ``step``: the pure step function (inner gradient + optimizer update).
 - ``compile``: the compiled fast path (``compile=True``).
 - ``problem``: ``Problem``, ``Carry`` and ``run_steps``, the one loop.

@@ -28,6 +28,7 @@ import torch
 
 from hypergrad._boundary import caller
 from hypergrad._engine.inplace import explained, is_in_place_error
+from hypergrad._engine.kernels import math_attention as _math_attention
 from hypergrad._engine.randomness import manual_seed, seeded
 from hypergrad._engine.step import StepFn
 from hypergrad.tree import PyTree
@@ -177,14 +178,23 @@ def run_steps(
 
 
 def outer_fn(
-    outer_loss: Callable[..., Any], outer_batch: Any, has_buffers: bool
+    outer_loss: Callable[..., Any],
+    outer_batch: Any,
+    has_buffers: bool,
+    *,
+    math_attention: bool = False,
 ) -> Callable[[PyTree, PyTree, PyTree], torch.Tensor]:
-    """Bind the outer batch: ``outer(params, buffers, aux) -> scalar`` (shape-checked)."""
+    """Bind the outer batch: ``outer(params, buffers, aux) -> scalar`` (shape-checked).
+
+    ``math_attention``: the outer loss runs attention through its math backend, as the steps
+    of the call do (``hypergrad._engine.kernels``).
+    """
 
     def call(params: PyTree, buffers: PyTree, aux: PyTree) -> Any:
-        if has_buffers:
-            return outer_loss(params, aux, outer_batch, buffers)
-        return outer_loss(params, aux, outer_batch)
+        with _math_attention(math_attention):
+            if has_buffers:
+                return outer_loss(params, aux, outer_batch, buffers)
+            return outer_loss(params, aux, outer_batch)
 
     def outer(params: PyTree, buffers: PyTree, aux: PyTree) -> torch.Tensor:
         try:

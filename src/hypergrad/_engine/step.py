@@ -12,6 +12,12 @@ gradient is taken one of two ways, with the same numbers:
 
 Under ``torch.no_grad()`` the step records no meta-graph (how ``Truncated`` and ``Checkpointed``
 run steps they do not differentiate); with ``first_order=True`` the inner gradient is detached.
+
+A step whose inner gradient may be differentiated (it records a meta-graph, or runs inside a
+torch.func transform) runs scaled-dot-product attention through its math backend, which has
+the double-backward and forward-mode rules the fused kernels lack
+(``hypergrad._engine.kernels``); ``math_attention=True`` makes every step do so, as does a
+compiled step unless ``first_order``.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from hypergrad._boundary import caller
 from hypergrad._engine.checks import check_inner_grad
 from hypergrad._engine.compile import Compile, compile_step, step_key
 from hypergrad._engine.inplace import explained, is_in_place_error
+from hypergrad._engine.kernels import math_attention as _math_attention
 from hypergrad.optim._base import Optimizer
 from hypergrad.tree import PyTree
 
@@ -89,6 +96,15 @@ def requires_grad(tree: PyTree) -> bool:
     return any(isinstance(x, torch.Tensor) and x.requires_grad for x in _tree.leaves(tree))
 
 
+def _graph_through_gradient(params: PyTree, aux: PyTree, first_order: bool) -> bool:
+    """Whether autograd records how this step's inner gradient depends on params or aux."""
+    return (
+        torch.is_grad_enabled()
+        and not first_order
+        and (requires_grad(params) or requires_grad(aux))
+    )
+
+
 def make_step(
     inner_loss: Callable[..., Any],
     opt: Optimizer,
@@ -98,6 +114,7 @@ def make_step(
     first_order: bool = False,
     compile: Compile | None = None,
     steps: int = 1,
+    math_attention: bool = False,
 ) -> StepFn:
     """Build the pure step function ``step(params, state, buffers, aux, hyperparams, batch)``.
 
@@ -113,6 +130,9 @@ def make_step(
             options, cached across calls; the inner gradient is then taken with ``torch.func``,
             and every hyperparameter must be given at each call (``{**opt.hyperparams, ...}``).
         steps: K, from which a compiled step chooses how many steps one graph runs.
+        math_attention: run attention through its math backend in every step, not only in
+            those whose inner gradient is differentiated (the steps of one call then draw the
+            same dropout masks whether or not they record a graph).
 
     Returns:
         ``step(params, state, buffers, aux, hyperparams, batch) -> (params, state, buffers, loss)``.
@@ -129,6 +149,9 @@ def make_step(
     check_inner_grad(inner_grad)
     if compile is not None:
         inner_grad = "func"  # torch.autograd.grad inside torch.compile breaks the graph
+        # one compiled graph serves hg.unroll and hg.hypergrad: it selects the math backend
+        # whenever the inner gradient is not detached (inductor compiles it)
+        math_attention = not first_order
 
     def loss_fn(params: PyTree, aux: PyTree, batch: Any, buffers: PyTree) -> Any:
         return _call_inner(inner_loss, has_buffers, params, aux, batch, buffers)
@@ -167,11 +190,7 @@ def make_step(
         flat, spec = optree.tree_flatten(params, namespace=_tree._NAMESPACE)
         # A meta-graph is needed only when the inner loss depends on something that requires
         # grad (params or aux); hyperparameters enter later, in opt.step.
-        create = (
-            torch.is_grad_enabled()
-            and not first_order
-            and (requires_grad(flat) or requires_grad(aux))
-        )
+        create = _graph_through_gradient(flat, aux, first_order)
         with torch.enable_grad():
             leaves = [
                 p if (create and p.requires_grad) else p.detach().requires_grad_() for p in flat
@@ -185,11 +204,20 @@ def make_step(
             loss, new_buffers = loss.detach(), _tree.detach(new_buffers)
         return optree.tree_unflatten(spec, grads), loss, new_buffers
 
+    def math(params: PyTree, aux: PyTree) -> bool:
+        """Whether this step runs attention through the math backend."""
+        if math_attention or _graph_through_gradient(params, aux, first_order):
+            return True
+        # A torch.func transform (vmap, jvp) may differentiate the step; a compiled step never
+        # runs inside one (it falls back to eager there).
+        return not first_order and not torch.compiler.is_compiling() and in_functorch_transform()
+
     def step(params, state, buffers, aux, hyperparams, batch):
         use_func = inner_grad == "func" or (inner_grad == "auto" and in_functorch_transform())
         compute = grad_func if use_func else grad_autograd
         try:
-            grads, loss, new_buffers = compute(params, aux, batch, buffers)
+            with _math_attention(math(params, aux)):
+                grads, loss, new_buffers = compute(params, aux, batch, buffers)
         except RuntimeError as error:
             if not is_in_place_error(error):
                 raise

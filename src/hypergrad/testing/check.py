@@ -22,10 +22,11 @@ from hypergrad import tree as _tree
 from hypergrad._boundary import caller, entered, is_number
 from hypergrad._engine.batches import Batches
 from hypergrad._engine.checks import check_opt
+from hypergrad._engine.kernels import math_attention
 from hypergrad._engine.problem import outer_fn
 from hypergrad._engine.randomness import rng_devices, seeded
 from hypergrad.hypergradient import Hypergradient, hypergrad, map_hyper
-from hypergrad.methods import Method
+from hypergrad.methods import Method, resolve
 from hypergrad.optim._base import Optimizer
 from hypergrad.trajectory import unroll
 from hypergrad.tree import PyTree
@@ -520,12 +521,17 @@ def check_hypergrad(
         )  # fmt: skip
         asked = {k: v for k, v in g._asdict().items() if k != "value" and v is not None}
 
+        # attention's kernel as in the method's steps: the same dropout masks (_engine.kernels)
+        math = not resolve(method).first_order
+
         def f(x: dict[str, PyTree]) -> float:  # the outer loss after the unroll, at x
             hyper = {**hp, **x.get("hyperparams", {})}
             x_aux = x.get("aux", aux)
-            traj = unroll(inner_loss, x.get("params", params), opt, batch_fn, hyperparams=hyper,
-                          check_finite=False, **{**common, "aux": x_aux})  # fmt: skip
-            outer = outer_fn(outer_loss, outer_batch, buffers is not None)
+            with math_attention(math):
+                traj = unroll(inner_loss, x.get("params", params), opt, batch_fn,
+                              hyperparams=hyper, check_finite=False,
+                              **{**common, "aux": x_aux})  # fmt: skip
+            outer = outer_fn(outer_loss, outer_batch, buffers is not None, math_attention=math)
             with seeded(seed + steps, rng_devices(params)):  # as Problem.value
                 return float(outer(traj.params, traj.buffers, x_aux))
 
