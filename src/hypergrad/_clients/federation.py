@@ -230,9 +230,14 @@ class Federation:
         """Step k's client-stacked batch (k counts over all rounds)."""
         return self.setup.source.at(k)
 
-    @functools.cached_property
+    @property
     def problem(self) -> Problem:
-        """All clients at once, every round: the problem any method differentiates."""
+        """All clients at once, every round: the problem any method differentiates.
+
+        Built anew on each access, not cached: the problem holds the federation's methods, and
+        a cached one would make a reference cycle that keeps the process group alive until the
+        garbage collector runs (a gloo group freed only at interpreter exit can abort it).
+        """
         s = self.setup
         return Problem(
             step=self.federated_step,
