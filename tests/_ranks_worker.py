@@ -12,6 +12,7 @@ again, so a desynchronised rank would fail the next check.
 from __future__ import annotations
 
 import datetime
+import gc
 import json
 import os
 import sys
@@ -286,6 +287,20 @@ class Checks:
         close(ours.value, one.value, "value")
         close(ours.aux, one.aux, "aux")
 
+    def no_reference_kept(self):  # a group freed only at interpreter exit can abort it (gloo)
+        group = dist.distributed_c10d._get_default_group()
+        gc.collect()
+        gc.disable()
+        try:
+            before = sys.getrefcount(group)
+            self.compare("reverse", hg.optim.sgd(lr=0.1))
+            self.compare("forward", hg.optim.sgd(lr=0.1), chunk_size=2)
+            after = sys.getrefcount(group)
+        finally:
+            gc.enable()
+        if after != before:
+            raise AssertionError(f"the call left {after - before} references to the group")
+
     def unroll(self):
         a, opt = self.all, hg.optim.sgd(lr=0.1)
         one = hg.unroll(
@@ -453,10 +468,10 @@ class Checks:
 CHECKS = [
     "reverse", "reverse_adam_weights", "checkpointed", "truncated", "first_order", "chunks",
     "forward", "forward_chunked", "params_stacked", "params_shared", "custom_aggregate",
-    "per_client_lr", "buffers", "random_outer_loss", "unroll", "exception_in_a_loss",
-    "exception_in_a_backward", "nan_in_a_batch", "nan_in_an_unroll", "bad_argument_on_one_rank",
-    "different_rounds", "different_method", "different_structure", "a_rank_without_clients",
-    "forward_refuses_stacked_inputs", "still_in_step",
+    "per_client_lr", "buffers", "random_outer_loss", "no_reference_kept", "unroll",
+    "exception_in_a_loss", "exception_in_a_backward", "nan_in_a_batch", "nan_in_an_unroll",
+    "bad_argument_on_one_rank", "different_rounds", "different_method", "different_structure",
+    "a_rank_without_clients", "forward_refuses_stacked_inputs", "still_in_step",
 ]  # fmt: skip
 
 
