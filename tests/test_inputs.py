@@ -795,6 +795,8 @@ ROWS: list[Row] = [
         doc="negative averaging weights"),
     bad("Clients/negative-weights", lambda: C(hg.Clients, weights=[1.0, -1.0]), ValueError,
         r"^hg\.Clients: weight 1 is -1\.0; weights must be non-negative"),
+    bad("clients.unroll/process-group", lambda: clients(process_group="world"), TypeError,
+        r"^hg\.clients\.unroll: process_group must be a torch\.distributed process group"),
     bad("clients.unroll/rounds", lambda: clients(rounds=0), ValueError, r"^hg\.clients\.unroll: rounds must be a positive int"),
     bad("clients.unroll/randomness", lambda: clients(randomness="any"), ValueError,
         r"^hg\.clients\.unroll: randomness must be 'error', 'different' or 'same'"),

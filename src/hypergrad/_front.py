@@ -372,8 +372,11 @@ def differentiate(setup: Setup, problem: Problem, runner: Runner | None = None) 
             raise explained from error
     if setup.check_finite:
         grads = [g for g in _tree.leaves(result.grads) if isinstance(g, torch.Tensor)]
-        if not all_finite(result.value, result.losses, *grads):
-            raise_nonfinite(problem, result.value, result.grads)
+        bad = not all_finite(result.value, result.losses, *grads)
+        if _anywhere(problem, bad):
+            if bad:
+                raise_nonfinite(problem, result.value, result.grads)
+            locate_nonfinite(problem)  # another process's: replay in step with it
     _warn_unused(result.unused, how)
     return Hypergradient(
         result.value,
@@ -406,6 +409,15 @@ def _warn_unused(unused: tuple[str, ...], how: Method) -> None:
         )
 
 
+def _anywhere(problem: Problem, bad: bool) -> bool:
+    """Whether a nan/inf was found here or, for a problem spread over processes, in any of them.
+
+    Every process then replays the unroll together (the replay runs the same collectives), and
+    the ones that find the nan/inf raise; the others learn of it at their next collective.
+    """
+    return bad if problem.agree is None else problem.agree(bad)
+
+
 def trajectory(setup: Setup, problem: Problem) -> Trajectory:
     """Run the whole loop of ``problem`` and finish: finite check, result."""
     with progress_bar(setup.progress, problem.steps, "unroll") as bar:
@@ -415,6 +427,6 @@ def trajectory(setup: Setup, problem: Problem) -> Trajectory:
     stacked = torch.stack(losses)
     if setup.check_finite and not in_functorch_transform():
         final = [x for x in _tree.leaves(carry.params) if isinstance(x, torch.Tensor)]
-        if not all_finite(stacked, *final):
+        if _anywhere(problem, not all_finite(stacked, *final)):
             locate_nonfinite(problem)
     return Trajectory(carry.params, carry.state, carry.buffers, stacked)

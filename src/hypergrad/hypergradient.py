@@ -6,7 +6,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from hypergrad._boundary import entered
-from hypergrad._clients import Clients, problem_of
+from hypergrad._clients import Clients, across_ranks, problem_of
 from hypergrad._engine.compile import Compile
 from hypergrad._engine.hyper import map_hyper
 from hypergrad._front import Hypergradient, differentiate, set_up
@@ -132,6 +132,6 @@ def hypergrad(
         >>> g.aux.shape, g.hyperparams["lr"].shape, g.params is None
         (torch.Size([4]), torch.Size([]), True)
     """
-    with entered("hg.hypergrad"):
+    with entered("hg.hypergrad"), across_ranks(clients):
         setup = set_up(**locals())  # every argument, by name: the front door checks them all
         return differentiate(setup, *problem_of(setup))

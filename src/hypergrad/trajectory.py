@@ -6,7 +6,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from hypergrad._boundary import entered
-from hypergrad._clients import Clients, problem_of
+from hypergrad._clients import Clients, across_ranks, problem_of
 from hypergrad._engine.compile import Compile
 from hypergrad._front import Trajectory, set_up, trajectory
 from hypergrad.optim._base import Optimizer
@@ -99,6 +99,6 @@ def unroll(
         >>> traj.params["w"], traj.losses
         (tensor([0.8750]), tensor([1.0000, 0.2500, 0.0625]))
     """
-    with entered("hg.unroll"):
+    with entered("hg.unroll"), across_ranks(clients):
         setup = set_up(**locals())  # every argument, by name: the front door checks them all
         return trajectory(setup, problem_of(setup)[0])

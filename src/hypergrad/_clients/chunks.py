@@ -27,7 +27,9 @@ import torch
 from hypergrad import tree as _tree
 from hypergrad._boundary import caller
 from hypergrad._clients.aggregation import broadcast
+from hypergrad._clients.dims import leaf_dims
 from hypergrad._clients.federation import Federation
+from hypergrad._clients.ranks import sum_shared
 from hypergrad._engine.problem import Carry, Problem, run_steps
 from hypergrad._engine.randomness import seeded
 from hypergrad._engine.step import requires_grad
@@ -36,15 +38,6 @@ from hypergrad.methods._base import fresh_leaves, grad_or_none
 from hypergrad.tree import PyTree
 
 __all__ = ["ByChunks", "join", "take"]
-
-
-def _leaf_dims(dims: Any, tree: PyTree) -> tuple[list[Any], list[Any], Any]:
-    """The leaves of ``tree`` (``None`` included), each one's client dim, and the tree spec."""
-    flat, spec = optree.tree_flatten(tree, none_is_leaf=True, namespace=_tree._NAMESPACE)
-    if dims is None or isinstance(dims, int):
-        return [dims] * len(flat), flat, spec
-    full = optree.tree_broadcast_prefix(dims, tree, none_is_leaf=True, namespace=_tree._NAMESPACE)
-    return optree.tree_leaves(full, none_is_leaf=True, namespace=_tree._NAMESPACE), flat, spec
 
 
 def take(tree: PyTree, dims: Any, rows: slice) -> PyTree:
@@ -56,7 +49,7 @@ def take(tree: PyTree, dims: Any, rows: slice) -> PyTree:
     """
     if tree is None:
         return None
-    ds, flat, spec = _leaf_dims(dims, tree)
+    ds, flat, spec = leaf_dims(dims, tree)
     return optree.tree_unflatten(
         spec, [x[rows] if d == 0 and isinstance(x, torch.Tensor) else x for x, d in zip(flat, ds)]
     )
@@ -69,7 +62,7 @@ def join(parts: list[PyTree], dims: Any) -> PyTree:
         >>> join([{"w": torch.ones(2), "s": torch.ones(1)}] * 2, {"w": 0, "s": None})
         {'w': tensor([1., 1., 1., 1.]), 's': tensor([2.])}
     """
-    ds, _, spec = _leaf_dims(dims, parts[0])
+    ds, _, spec = leaf_dims(dims, parts[0])
     columns = zip(
         *(optree.tree_leaves(p, none_is_leaf=True, namespace=_tree._NAMESPACE) for p in parts)
     )
@@ -147,8 +140,8 @@ class ByChunks:
     """
 
     def __init__(self, fed: Federation) -> None:
-        assert fed.setup.method is not None and fed.clients.chunk_size is not None
-        self.fed, self.how, size = fed, fed.setup.method, fed.clients.chunk_size
+        assert fed.setup.method is not None
+        self.fed, self.how, size = fed, fed.setup.method, fed.clients.chunk_size or fed.count
         self.chunks = [slice(lo, min(lo + size, fed.count)) for lo in range(0, fed.count, size)]
 
     def evaluations(self, problem: Problem) -> int:
@@ -201,6 +194,8 @@ class ByChunks:
                         losses[r * K + k].append(loss)
                 params, buffers = _cat([c.params for c in ends]), _cat([c.buffers for c in ends])
                 finals.append(Carry(params, None, buffers))
+                if r + 1 == fed.rounds:  # the last server is the outer loss's (in _outer)
+                    break
                 server_b = None if buffers is None else broadcast(fed.aggregate(buffers), C)
                 starts.append(Carry(broadcast(fed.aggregate(params), C), None, server_b))
         return starts, finals, torch.stack([torch.cat(step) for step in losses])
@@ -263,11 +258,16 @@ class ByChunks:
             if r == 0:
                 acc.initial = start
                 return
-            # Round r started from broadcast(aggregate(finals[r - 1])): back through both.
+            # Round r started from broadcast(aggregate(finals[r - 1])): back through both. Over
+            # ranks, the server's cotangent sums every rank's clients, and each rank's share
+            # receives it whole.
+            cotangent = [g.sum(0) for g in _tree.leaves(start)]
+            if fed.ranks is not None:
+                cotangent = fed.ranks.sum(cotangent)
             previous, _, leaves = fresh_leaves(finals[r - 1].params)
             with torch.enable_grad():
-                server = _tree.leaves(fed.aggregate(previous))
-            acc.cotangent = grad_or_none(server, leaves, [g.sum(0) for g in _tree.leaves(start)])
+                server = _tree.leaves(fed.share(previous))
+            acc.cotangent = grad_or_none(server, leaves, cotangent)
 
     def __call__(self, problem: Problem) -> MethodResult:
         starts, finals, losses = self._forward(problem)
@@ -277,16 +277,20 @@ class ByChunks:
         out: dict[str, PyTree] = {}
         for key, shares in acc.per_round.items():  # every round's share holds every client
             out[key] = _fill(join(shares, None) if shares else None, inputs[key])
-        if direct:
-            flat, spec = optree.tree_flatten(out["aux"], namespace=_tree._NAMESPACE)
-            out["aux"] = optree.tree_unflatten(
-                spec, [x if g is None else x + g for x, g in zip(flat, direct)]
-            )
         if "params" in inputs:
             initial = acc.initial
             if initial is not None and self.fed.dims["params"] is None:  # one shared tree
                 initial = _tree.map(lambda g: g.sum(0), initial)
             out["params"] = _fill(initial, inputs["params"])
+        if direct:  # over ranks, divided by their number (counted_once): summed below
+            flat, spec = optree.tree_flatten(out["aux"], namespace=_tree._NAMESPACE)
+            out["aux"] = optree.tree_unflatten(
+                spec, [x if g is None else x + g for x, g in zip(flat, direct)]
+            )
+        if self.fed.ranks is not None:
+            dims = self.fed.dims
+            of = {"aux": dims["aux"], "hyperparams": dims["hyperparams"], "params": dims["params"]}
+            out = sum_shared(self.fed.ranks, out, of)
         unused = tuple(p for p, _ in _paths(inputs) if p not in acc.used)
         return MethodResult(value.detach(), out, losses, unused)
 

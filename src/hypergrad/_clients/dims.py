@@ -5,13 +5,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import optree
 import torch
 
 from hypergrad import tree as _tree
 from hypergrad._boundary import caller
 from hypergrad.tree import PyTree
 
-__all__ = ["count_clients", "resolve_in_dims"]
+__all__ = ["count_clients", "leaf_dims", "resolve_in_dims"]
 
 _DEFAULT_IN_DIMS: dict[str, Any] = {
     "params": 0,
@@ -118,3 +119,13 @@ def count_clients(
             )
     assert clients is not None  # every size was checked against it above
     return int(clients)
+
+
+def leaf_dims(dims: Any, tree: PyTree) -> tuple[list[Any], list[Any], Any]:
+    """Each leaf's client dim (``dims`` is a prefix of ``tree``), the leaves (``None``
+    included), and the tree spec."""
+    flat, spec = optree.tree_flatten(tree, none_is_leaf=True, namespace=_tree._NAMESPACE)
+    if dims is None or isinstance(dims, int):
+        return [dims] * len(flat), flat, spec
+    full = optree.tree_broadcast_prefix(dims, tree, none_is_leaf=True, namespace=_tree._NAMESPACE)
+    return optree.tree_leaves(full, none_is_leaf=True, namespace=_tree._NAMESPACE), flat, spec

@@ -17,9 +17,19 @@ from typing import Any
 
 import torch
 
+from hypergrad import tree as _tree
 from hypergrad._boundary import caller, entered, positive_int
 from hypergrad._clients.aggregation import broadcast, fedavg
 from hypergrad._clients.dims import count_clients, resolve_in_dims
+from hypergrad._clients.ranks import (
+    Ranks,
+    check_process_group,
+    counted_once,
+    describe,
+    fedavg_share,
+    same_call,
+    sum_ranks,
+)
 from hypergrad._clients.step import vmapped_step
 from hypergrad._clients.vmap import guarded, vmap_trees
 from hypergrad._engine.compile import compile_step, step_key
@@ -71,6 +81,14 @@ class Clients:
             it is vmap's ``chunk_size``, which bounds each step's working memory.
         randomness: as in ``torch.func.vmap``: ``"error"``, ``"different"`` or ``"same"`` (with
             chunks, each chunk draws its own numbers).
+        process_group: a ``torch.distributed`` process group (e.g.
+            ``torch.distributed.group.WORLD``): each rank passes only its own clients (stacked,
+            any number per rank) and their batches, and makes the same call; aggregation spans
+            every rank and every rank returns the result of one process holding all the clients.
+            ``weights`` are then the rank's own clients' weights; a custom ``aggregate`` returns
+            the rank's *share* of the server, which hypergrad sums over the ranks. Reverse-mode
+            methods and ``"forward"`` (shared inputs only) work; see the concepts page
+            "Many processes".
 
     Examples:
         Three clients pull their weight towards their own target plus a shared offset ``aux``;
@@ -92,6 +110,7 @@ class Clients:
     weights: Sequence[float] | torch.Tensor | None = None
     chunk_size: int | None = None
     randomness: str = "error"
+    process_group: Any = None
 
     def __post_init__(self) -> None:
         with entered("hg.Clients"):
@@ -113,6 +132,7 @@ class Clients:
             self.chunk_size, "chunk_size", "(clients per chunk)", none="(all clients at once)"
         )
         check_weights(self.weights, None)
+        check_process_group(self.process_group)
 
     def total_steps(self, steps: int | None) -> int | None:
         """The steps over all rounds, from K local steps per round (``None``: from the batches)."""
@@ -136,7 +156,13 @@ class Federation:
         step: the vmapped step, for any number of clients (compiled if asked).
         multi: its compiled multi-step, or ``None``.
         init: ``init(params, hyperparams)``, a fresh stacked optimizer state.
-        aggregate: ``aggregate(stacked_tree) -> tree``, the server of a round.
+        aggregate: ``aggregate(stacked_tree) -> tree``, the server the outer loss sees.
+        boundary: the same, for the server of a round that each rank broadcasts to its own
+            clients (over ranks, its backward pass all-reduces the cotangent; else
+            ``aggregate``).
+        share: ``share(stacked_tree) -> tree``, this rank's share of the server (the sum over
+            ranks of the shares is ``aggregate``; without a process group, ``aggregate``).
+        ranks: the process group's ranks, or ``None`` for one process.
         by_chunk: whether the hypergradient is taken chunk by chunk (``hypergrad._clients.chunks``).
     """
 
@@ -149,6 +175,9 @@ class Federation:
     multi: Any
     init: Callable[[PyTree, Mapping[str, Any]], PyTree]
     aggregate: Callable[[PyTree], PyTree]
+    boundary: Callable[[PyTree], PyTree]
+    share: Callable[[PyTree], PyTree]
+    ranks: Ranks | None
     by_chunk: bool
 
     @property
@@ -181,8 +210,8 @@ class Federation:
         if k == 0:
             return self.spread(p, "params"), s, self.spread(b, "buffers")
         if k % self.steps == 0:
-            p = broadcast(self.aggregate(p), self.count)
-            b = broadcast(self.aggregate(b), self.count) if self.setup.has_buffers else b
+            p = broadcast(self.boundary(p), self.count)
+            b = broadcast(self.boundary(b), self.count) if self.setup.has_buffers else b
             s = self.init(p, h)
         return p, s, b
 
@@ -196,15 +225,23 @@ class Federation:
         """The outer loss on the aggregate of the clients' params (and buffers)."""
         assert self.setup.outer is not None
         server_buffers = self.aggregate(b) if self.setup.has_buffers else None
+        how = self.setup.method
+        if self.ranks is not None and how is not None and how.reverse_mode:
+            a = counted_once(a, self.dims["aux"], self.ranks)  # its ranks' gradients are summed
         return self.setup.outer(self.aggregate(p), server_buffers, a)
 
     def batch_at(self, k: int) -> Any:
         """Step k's client-stacked batch (k counts over all rounds)."""
         return self.setup.source.at(k)
 
-    @functools.cached_property
+    @property
     def problem(self) -> Problem:
-        """All clients at once, every round: the problem any method differentiates."""
+        """All clients at once, every round: the problem any method differentiates.
+
+        Built anew on each access, not cached: the problem holds the federation's methods, and
+        a cached one would make a reference cycle that keeps the process group alive until the
+        garbage collector runs (a gloo group freed only at interpreter exit can abort it).
+        """
         s = self.setup
         return Problem(
             step=self.federated_step,
@@ -225,6 +262,7 @@ class Federation:
             if self.multi is None
             else _WithinRounds(self.multi, self.steps, self.prelude),
             condition=self.condition(),
+            agree=None if self.ranks is None else self.ranks.any,
         )
 
     def condition(self) -> Condition:
@@ -278,6 +316,11 @@ def federate(setup: Setup, clients: Clients) -> Federation:
         setup.source.at(0),
     )  # fmt: skip
     how = setup.method
+    ranks = None if clients.process_group is None else Ranks(clients.process_group)
+    weight = None
+    if ranks is not None:  # every rank makes the same call, and draws rank 0's seed
+        weight, seed = _agree(setup, clients, dims, count, total // rounds, ranks)
+        setup = dataclasses.replace(setup, seed=seed)
     by_chunk = clients.chunk_size is not None and how is not None and how.reverse_mode
     vmap = {
         "chunk_size": None if by_chunk else clients.chunk_size,
@@ -303,6 +346,85 @@ def federate(setup: Setup, clients: Clients) -> Federation:
         step=guarded(step),
         multi=multi_step(step),
         init=lambda p, h: init_one(p, h)[0],
-        aggregate=clients.aggregator(),
+        **_aggregation(clients, ranks, weight),
+        ranks=ranks,
         by_chunk=by_chunk,
     )
+
+
+def _agree(
+    setup: Setup, clients: Clients, dims: dict, count: int, steps: int, ranks: Ranks
+) -> tuple[float, int]:
+    """Check that every rank makes the same call; the total client weight and rank 0's seed."""
+    _check_forward(setup, dims)
+    if count == 0:
+        raise ValueError(
+            f"{caller()}: this rank holds no clients; with process_group every rank needs at "
+            "least one (spread the clients so that each rank has some)."
+        )
+    weights = clients.weights
+    fingerprint = {
+        "the call": caller(),
+        "method": repr(setup.method),
+        "wrt": repr((setup.targets, setup.hyper_names)),
+        "K (local steps per round)": str(steps),
+        "rounds": str(clients.rounds),
+        "params": describe(setup.params, dims["params"]),
+        "buffers": describe(setup.buffers, dims["buffers"]),
+        "aux": describe(setup.aux, dims["aux"]),
+        "hyperparams": describe(setup.hyperparams, dims["hyperparams"]),
+        "in_dims": repr(dims),
+        "the aggregation": "aggregate="
+        if clients.aggregate
+        else f"FedAvg, weights={weights is not None}",
+        "randomness": clients.randomness,
+        "check_finite": str(setup.check_finite),
+    }
+    local = count if weights is None else float(torch.as_tensor(weights).sum())
+    return same_call(ranks, fingerprint, local, setup.seed)
+
+
+def _aggregation(
+    clients: Clients, ranks: Ranks | None, weight: float | None
+) -> dict[str, Callable[[PyTree], PyTree]]:
+    """``aggregate``, ``boundary`` and ``share``: one process's, or over ranks the sum of each
+    rank's share (FedAvg's divided by ``weight``, the total weight of every rank's clients)."""
+    if ranks is None:
+        one = clients.aggregator()
+        return {"aggregate": one, "boundary": one, "share": one}
+    assert weight is not None
+    share = clients.aggregate or functools.partial(
+        fedavg_share, weights=clients.weights, total=weight, rank=ranks.rank
+    )
+    return {
+        "aggregate": lambda tree: sum_ranks(ranks, share(tree)),
+        "boundary": lambda tree: sum_ranks(ranks, share(tree), spread=True),
+        "share": share,
+    }
+
+
+def _check_forward(setup: Setup, dims: dict) -> None:
+    """Forward mode over ranks pushes the same directions on every rank: shared inputs only."""
+    how = setup.method
+    if how is not None and not how.spans_processes:
+        raise ValueError(
+            f"{caller()}: method={how!r} does not run over processes yet: each rank would solve "
+            "the implicit system for its own clients only, and the ranks' results would differ "
+            "from one process's. Use method='reverse' or hg.Checkpointed(...) with "
+            "process_group, or run hg.Implicit in one process holding every client."
+        )
+    if how is None or how.reverse_mode:
+        return
+    stacked = []
+    if "aux" in setup.targets and 0 in _tree.leaves(dims["aux"]):
+        stacked.append("aux")
+    if "params" in setup.targets and dims["params"] == 0:
+        stacked.append("params")
+    stacked += [n for n in setup.hyper_names if dims["hyperparams"].get(n) == 0]
+    if stacked:
+        raise ValueError(
+            f"{caller()}: method={how!r} with process_group differentiates only inputs shared "
+            f"by every client, but {', '.join(stacked)} has a client dimension (each rank holds "
+            "different clients, so their directions differ). Use method='reverse' (or "
+            "hg.Checkpointed), or differentiate shared inputs only."
+        )

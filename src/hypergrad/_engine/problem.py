@@ -72,6 +72,9 @@ class Problem:
             ``run_steps``), or ``None``: one ``step`` call per step.
         condition: the stationarity condition the trained params satisfy
             (``hypergrad._engine.condition``), which ``hg.Implicit`` differentiates, or ``None``.
+        agree: for a problem spread over processes, ``agree(flag)`` tells whether ``flag``
+            holds in any of them (every process calls it at the same point); ``None`` for one
+            process. The finite check uses it so that every process replays together.
     """
 
     step: StepFn
@@ -91,6 +94,7 @@ class Problem:
     init: Callable[[PyTree, Mapping[str, Any]], PyTree] | None = None
     multi: Any = None
     condition: Condition | None = None
+    agree: Callable[[bool], bool] | None = None
 
     def inputs(self) -> dict[str, PyTree]:
         """The trees to differentiate, keyed ``"aux"`` / ``"hyperparams"`` / ``"params"``."""

@@ -54,6 +54,7 @@ def unroll(
     weights: Sequence[float] | torch.Tensor | None = None,
     chunk_size: int | None = None,
     randomness: str = "error",
+    process_group: Any = None,
     **options: Any,
 ) -> Trajectory:
     """Run K optimizer steps of every client at once (``torch.func.vmap``), for R rounds.
@@ -78,7 +79,9 @@ def unroll(
         (tensor([0.0000, 0.8750, 1.7500, 2.6250]), torch.Size([3, 4]))
     """
     with entered("hg.clients.unroll", delegating=True):
-        clients = Clients(in_dims, rounds, aggregate, weights, chunk_size, randomness)
+        clients = Clients(
+            in_dims, rounds, aggregate, weights, chunk_size, randomness, process_group
+        )
         return _unroll(inner_loss, params, opt, batches, clients=clients, **options)
 
 
@@ -96,6 +99,7 @@ def hypergrad(
     weights: Sequence[float] | torch.Tensor | None = None,
     chunk_size: int | None = None,
     randomness: str = "error",
+    process_group: Any = None,
     **options: Any,
 ) -> Hypergradient:
     """The gradient of a server-side outer loss through R rounds of K steps of C clients.
@@ -127,7 +131,9 @@ def hypergrad(
         (0.0001, 0.0114)
     """
     with entered("hg.clients.hypergrad", delegating=True):
-        clients = Clients(in_dims, rounds, aggregate, weights, chunk_size, randomness)
+        clients = Clients(
+            in_dims, rounds, aggregate, weights, chunk_size, randomness, process_group
+        )
         return _hypergrad(
             outer_loss, inner_loss, params, opt, batches, outer_batch, clients=clients, **options
         )

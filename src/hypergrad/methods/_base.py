@@ -137,6 +137,8 @@ class Method:
     #: Reverse mode: the method backpropagates a scalar through the steps, so it can also
     #: differentiate a range of steps given the cotangent of their end (client chunks do).
     reverse_mode: ClassVar[bool] = False
+    #: The clients transform can spread it over processes (``process_group=``).
+    spans_processes: ClassVar[bool] = True
 
     def restricted(self, first: int, last: int, total: int) -> tuple[Method | None, bool]:
         """This method on steps ``[first, last)`` of a ``total``-step unroll.

@@ -157,6 +157,7 @@ class Implicit(Method):
     """
 
     name = "implicit"
+    spans_processes = False  # each rank would solve for its own clients only: not yet exact
 
     def __init__(
         self,

@@ -1,0 +1,185 @@
+"""Benchmark: strong scaling of the federated hypergradient over processes (torch.distributed).
+
+Workload: ``benchmarks/clients.py``'s seed-5 problem (C client MLPs 16 -> 64 -> 64 -> 1, tanh,
+a regulariser from an auxiliary linear model, batches of 32) in R = 2 federated rounds of
+K = 5 SGD steps, FedAvg server, reverse mode; the gradient of the server's validation loss with
+respect to the auxiliary model. The C clients are split evenly over 1 or 2 processes (gloo on
+127.0.0.1, one thread each, ``process_group=torch.distributed.group.WORLD``); every process
+times the same call (a barrier before each run; the call itself ends with the ranks agreeing,
+so they finish together) and rank 0 reports the median of ``--repeats`` runs after a warm-up.
+One process without a process group (``process_group=None``) is timed as well, to show what the
+collectives cost. On a busy machine the wall time of two processes says little (they wait for
+cores), so the CPU time of each rank's call (``time.process_time``) is reported too: the work a
+rank does, which halves with two processes when the scheme scales. Bytes communicated are counted by wrapping ``torch.distributed.all_reduce``
+and ``all_gather_object`` for one call: the payload each rank sends into the collectives,
+divided by R for a per-round figure (the collectives' own protocol overhead is not counted).
+
+Target: 2 processes >= 1.6x one process at C = 256 (one thread each), on a quiet 2-core
+machine. Writes ``benchmarks/results/distributed.json``.
+
+Run: ``python benchmarks/distributed.py`` (``--quick``: C = 8, one repeat, nothing written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import pickle
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+from clients import LR, workload
+
+import hypergrad as hg
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROUNDS = 2
+
+
+class Counter:
+    """Bytes this rank puts into collectives, by wrapping torch.distributed's functions."""
+
+    def __init__(self) -> None:
+        self.bytes = 0
+        self._reduce, self._gather = dist.all_reduce, dist.all_gather_object
+
+    def __enter__(self) -> Counter:
+        def all_reduce(tensor, *args, **kwargs):
+            self.bytes += tensor.numel() * tensor.element_size()
+            return self._reduce(tensor, *args, **kwargs)
+
+        def all_gather_object(out, obj, *args, **kwargs):
+            self.bytes += len(pickle.dumps(obj))
+            return self._gather(out, obj, *args, **kwargs)
+
+        dist.all_reduce, dist.all_gather_object = all_reduce, all_gather_object  # type: ignore[assignment]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        dist.all_reduce, dist.all_gather_object = self._reduce, self._gather  # type: ignore[assignment]
+
+
+def call(w: dict, rows: slice, group) -> torch.Tensor:
+    params, _ = hg.split(w["model"])
+    aux, _ = hg.split(w["aux_model"])
+    g = hg.clients.hypergrad(
+        w["outer"], w["inner"], params, hg.optim.sgd(lr=LR), (w["x"][:, rows], w["y"][:, rows]),
+        w["val"], aux=aux, in_dims={"params": None}, rounds=ROUNDS, seed=0,
+        process_group=group,
+    )  # fmt: skip
+    return g.aux["weight"]
+
+
+def worker(sizes: list[int], repeats: int) -> dict:
+    """One rank: time the call at every C; rank 0 returns the rows."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", timeout=datetime.timedelta(minutes=5))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    group = dist.group.WORLD
+    rows_out = {}
+    for clients in sizes:
+        w = workload(clients)
+        share = clients // world
+        rows = slice(rank * share, clients if rank == world - 1 else (rank + 1) * share)
+        variants = {"process group": group} if world > 1 else {"process group": group, "none": None}
+        times: dict[str, list[float]] = {name: [] for name in variants}
+        cpu: dict[str, list[float]] = {name: [] for name in variants}
+        for g in variants.values():
+            call(w, rows, g)  # warm-up
+        for _ in range(repeats):
+            for name, g in variants.items():
+                dist.barrier()
+                start, start_cpu = time.perf_counter(), time.process_time()
+                call(w, rows, g)
+                times[name].append(time.perf_counter() - start)
+                cpu[name].append(time.process_time() - start_cpu)
+        with Counter() as counter:
+            grad = call(w, rows, group)
+        rows_out[clients] = {
+            "seconds": {name: statistics.median(ts) for name, ts in times.items()},
+            "cpu_seconds": {name: statistics.median(ts) for name, ts in cpu.items()},
+            "bytes_per_round": counter.bytes / ROUNDS,
+            "grad_norm": float(grad.norm()),
+        }
+    dist.barrier()  # every rank done before any tears the group down
+    dist.destroy_process_group()
+    return rows_out if rank == 0 else {}
+
+
+def launch(world: int, sizes: list[int], repeats: int) -> dict:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+           "WORLD_SIZE": str(world), "OMP_NUM_THREADS": "1"}  # fmt: skip
+    args = [sys.executable, __file__, "--worker", ",".join(map(str, sizes)), str(repeats)]
+    procs = [
+        subprocess.Popen(args, env={**env, "RANK": str(r)}, stdout=subprocess.PIPE, text=True)
+        for r in range(world)
+    ]
+    outs = [p.communicate()[0] for p in procs]
+    if any(p.returncode for p in procs):
+        raise RuntimeError(f"a rank failed: {[p.returncode for p in procs]}")
+    return {int(c): row for c, row in json.loads(outs[0].strip().splitlines()[-1]).items()}
+
+
+def main(sizes: list[int], repeats: int, write: bool) -> None:
+    one, two = launch(1, sizes, repeats), launch(2, sizes, repeats)
+    table = []
+    print(f"{'C':>5} {'1 proc':>9} {'1 proc, no group':>17} {'2 procs':>9} {'speed-up':>9} "
+          f"{'KiB/round/rank (2 procs)':>25} {'CPU s/rank (1 -> 2)':>20}")  # fmt: skip
+    for c in sizes:
+        t1, t0 = one[c]["seconds"]["process group"], one[c]["seconds"]["none"]
+        t2 = two[c]["seconds"]["process group"]
+        row = {
+            "clients": c,
+            "one_process_s": t1,
+            "one_process_no_group_s": t0,
+            "two_processes_s": t2,
+            "speedup": t1 / t2,
+            "cpu_s_per_rank": [
+                one[c]["cpu_seconds"]["process group"],
+                two[c]["cpu_seconds"]["process group"],
+            ],
+            "bytes_per_round_per_rank": two[c]["bytes_per_round"],
+            "grad_norms": [one[c]["grad_norm"], two[c]["grad_norm"]],
+        }
+        table.append(row)
+        print(f"{c:>5} {t1:>8.3f}s {t0:>16.3f}s {t2:>8.3f}s {t1 / t2:>8.2f}x "
+              f"{row['bytes_per_round_per_rank'] / 1024:>25.1f} "
+              f"{row['cpu_s_per_rank'][0]:>9.3f} -> {row['cpu_s_per_rank'][1]:.3f}")  # fmt: skip
+    if write:
+        out = {
+            "command": "python benchmarks/distributed.py",
+            "rounds": ROUNDS,
+            "threads_per_process": 1,
+            "torch": torch.__version__,
+            "machine": platform.platform(),
+            "cpus": os.cpu_count(),
+            "rows": table,
+        }
+        with open(os.path.join(HERE, "results", "distributed.json"), "w") as f:
+            json.dump(out, f, indent=2)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
+        result = worker([int(c) for c in sys.argv[2].split(",")], int(sys.argv[3]))
+        print(json.dumps(result))
+    else:
+        parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+        parser.add_argument("--repeats", type=int, default=5)
+        parser.add_argument("--quick", action="store_true", help="C = 8, one repeat, no file")
+        a = parser.parse_args()
+        if a.quick:
+            main([8], 1, write=False)
+        else:
+            main([64, 256], a.repeats, write=True)
