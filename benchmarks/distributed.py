@@ -8,7 +8,11 @@ respect to the auxiliary model. The C clients are split evenly over 1 or 2 proce
 times the same call (a barrier before each run; the call itself ends with the ranks agreeing,
 so they finish together) and rank 0 reports the median of ``--repeats`` runs after a warm-up.
 One process without a process group (``process_group=None``) is timed as well, to show what the
-collectives cost. On a busy machine the wall time of two processes says little (they wait for
+collectives cost. The speed-up divides by a baseline timed in the same launch as the two
+processes, interleaved with them: after each two-process call, rank 0 alone runs all C clients
+without a group while rank 1 waits at a barrier (a machine's speed drifts between launches by
+several per cent; the separate one-process launch's ratio is kept as
+``speedup_separate_launches``). On a busy machine the wall time of two processes says little (they wait for
 cores), so the CPU time of each rank's call (``time.process_time``) is reported too: the work a
 rank does, which halves with two processes when the scheme scales. Bytes communicated are counted by wrapping ``torch.distributed.all_reduce``
 and ``all_gather_object`` for one call: the payload each rank sends into the collectives,
@@ -92,8 +96,12 @@ def worker(sizes: list[int], repeats: int) -> dict:
         variants = {"process group": group} if world > 1 else {"process group": group, "none": None}
         times: dict[str, list[float]] = {name: [] for name in variants}
         cpu: dict[str, list[float]] = {name: [] for name in variants}
+        everyone = slice(0, clients)
         for g in variants.values():
             call(w, rows, g)  # warm-up
+        if world > 1 and rank == 0:
+            call(w, everyone, None)
+            times["alone"], cpu["alone"] = [], []
         for _ in range(repeats):
             for name, g in variants.items():
                 dist.barrier()
@@ -101,6 +109,14 @@ def worker(sizes: list[int], repeats: int) -> dict:
                 call(w, rows, g)
                 times[name].append(time.perf_counter() - start)
                 cpu[name].append(time.process_time() - start_cpu)
+            if world > 1:  # the baseline in the same launch, interleaved: rank 0 alone, all C
+                dist.barrier()
+                if rank == 0:
+                    start, start_cpu = time.perf_counter(), time.process_time()
+                    call(w, everyone, None)
+                    times["alone"].append(time.perf_counter() - start)
+                    cpu["alone"].append(time.process_time() - start_cpu)
+                dist.barrier()
         with Counter() as counter:
             grad = call(w, rows, group)
         rows_out[clients] = {
@@ -134,17 +150,20 @@ def launch(world: int, sizes: list[int], repeats: int) -> dict:
 def main(sizes: list[int], repeats: int, write: bool) -> None:
     one, two = launch(1, sizes, repeats), launch(2, sizes, repeats)
     table = []
-    print(f"{'C':>5} {'1 proc':>9} {'1 proc, no group':>17} {'2 procs':>9} {'speed-up':>9} "
+    print(f"{'C':>5} {'1 proc':>9} {'1 proc, no group':>17} {'1 proc, interleaved':>20} "
+          f"{'2 procs':>9} {'speed-up':>9} "
           f"{'KiB/round/rank (2 procs)':>25} {'CPU s/rank (1 -> 2)':>20}")  # fmt: skip
     for c in sizes:
         t1, t0 = one[c]["seconds"]["process group"], one[c]["seconds"]["none"]
-        t2 = two[c]["seconds"]["process group"]
+        t2, alone = two[c]["seconds"]["process group"], two[c]["seconds"]["alone"]
         row = {
             "clients": c,
             "one_process_s": t1,
             "one_process_no_group_s": t0,
+            "one_process_interleaved_s": alone,
             "two_processes_s": t2,
-            "speedup": t1 / t2,
+            "speedup": alone / t2,
+            "speedup_separate_launches": t1 / t2,
             "cpu_s_per_rank": [
                 one[c]["cpu_seconds"]["process group"],
                 two[c]["cpu_seconds"]["process group"],
@@ -153,7 +172,7 @@ def main(sizes: list[int], repeats: int, write: bool) -> None:
             "grad_norms": [one[c]["grad_norm"], two[c]["grad_norm"]],
         }
         table.append(row)
-        print(f"{c:>5} {t1:>8.3f}s {t0:>16.3f}s {t2:>8.3f}s {t1 / t2:>8.2f}x "
+        print(f"{c:>5} {t1:>8.3f}s {t0:>16.3f}s {alone:>19.3f}s {t2:>8.3f}s {alone / t2:>8.2f}x "
               f"{row['bytes_per_round_per_rank'] / 1024:>25.1f} "
               f"{row['cpu_s_per_rank'][0]:>9.3f} -> {row['cpu_s_per_rank'][1]:.3f}")  # fmt: skip
     if write:
