@@ -1,4 +1,4 @@
-"""Timing shared by the benchmarks: every variant timed in turns, medians reported.
+"""Shared by the benchmarks: every variant timed in turns, medians reported; optional peers.
 
 A shared VM drifts by tens of percent over minutes; running each variant once per round, round
 after round, keeps that drift out of the ratios between variants.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import statistics
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -36,3 +37,14 @@ def interleaved_medians(
             fn()
             times[name].append(clock() - start)
     return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def importable(name: str) -> bool:
+    """Whether an optional peer (``higher``, ``torchopt``) imports here; its notices hidden."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            __import__(name)
+    except Exception:
+        return False
+    return True

@@ -48,7 +48,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from _timing import interleaved_medians
+from _timing import importable, interleaved_medians
 from torch import nn
 
 import hypergrad as hg
@@ -143,16 +143,6 @@ def run_torchopt(model: nn.Module, x, y, vx, vy, maxiter: int) -> torch.Tensor:
     return torch.autograd.grad(F.cross_entropy(out, vy), aux)[0]
 
 
-def _importable(name: str) -> bool:
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            __import__(name)
-    except Exception:
-        return False
-    return True
-
-
 class _MallInfo2(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in (
         "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
@@ -208,7 +198,7 @@ def contenders(k: int, maxiter: int, reverse_max_k: int) -> dict[str, Callable[.
     }
     if k <= reverse_max_k:
         out["reverse"] = lambda *a: run_hg(*a, "reverse")
-    if _importable("torchopt"):
+    if importable("torchopt"):
         out[f"torchopt implicit(cg, maxiter={maxiter})"] = lambda *a: run_torchopt(*a, maxiter)
     return out
 
@@ -225,7 +215,7 @@ def main() -> None:
     ks = args.ks or ([20, 100] if args.quick else [100, 1000])
     repeats = 1 if args.quick else args.repeats
     torch.set_num_threads(args.threads)
-    if not _importable("torchopt"):
+    if not importable("torchopt"):
         print("(torchopt not importable: skipped)")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), CPU time, "
           f"MLP 784-256-256-10, batch 128, SGD momentum, median of {repeats}")  # fmt: skip

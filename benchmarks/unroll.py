@@ -49,7 +49,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from _timing import interleaved_medians
+from _timing import importable, interleaved_medians
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -215,20 +215,10 @@ def run_torchopt(model: nn.Module, family: str, x, y, vx, vy, aux) -> torch.Tens
     return g
 
 
-def _importable(name: str) -> bool:
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            __import__(name)
-    except Exception:
-        return False
-    return True
-
-
 def time_table(ks: list[int], repeats: int, models: list[str]) -> list[dict[str, Any]]:
     contenders = {"hg_reverse": run_hg, "hand_written": run_hand}
     for name, fn in (("higher", run_higher), ("torchopt", run_torchopt)):
-        if _importable(name):
+        if importable(name):
             contenders[name] = fn
         else:
             print(f"({name} not importable: skipped)")
