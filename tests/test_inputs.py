@@ -905,6 +905,53 @@ def test_refusals_are_documented() -> None:
     assert not missing, f"docs/sharp-bits.md lacks: {missing}"
 
 
+# ---- batches: the caller's own slices once the loss is known to leave its batch alone
+
+
+def _seen_batches(mutate_from: int | None = None):
+    """An inner loss that records each batch it gets (and changes it in place from a step on)."""
+    seen: list[torch.Tensor] = []
+
+    def loss(p, aux, x):
+        seen.append(x)
+        if mutate_from is not None and len(seen) > mutate_from:
+            x.mul_(2)
+        return ((p["w"] - x) ** 2).sum()
+
+    return loss, seen
+
+
+def test_batches_after_the_first_are_the_callers_slices():
+    # No copy per step (a copy would also be kept by the backward pass: K more batches).
+    batches = torch.arange(6.0).reshape(3, 2)
+    loss, seen = _seen_batches()
+    hg.hypergrad(outer, loss, P(), sgd(), batches, None, wrt="lr")
+    assert seen[0].data_ptr() != batches[0].data_ptr()  # the first: a copy, to learn
+    assert [x.data_ptr() for x in seen[1:]] == [batches[k].data_ptr() for k in (1, 2)]
+
+
+def test_a_loss_that_changes_every_batch_gets_copies():
+    batches = torch.arange(6.0).reshape(3, 2)
+    loss, seen = _seen_batches(mutate_from=0)
+    hg.unroll(loss, P(), sgd(), batches)
+    assert torch.equal(batches, torch.arange(6.0).reshape(3, 2))
+    assert all(x.data_ptr() != batches[k].data_ptr() for k, x in enumerate(seen))
+
+
+LATER_BATCH = r"^hg\.(unroll|hypergrad): inner_loss changed its batch in place at a later step"
+
+
+@pytest.mark.parametrize("entry", ["unroll", "hypergrad"])
+def test_a_loss_that_changes_a_later_batch_is_refused(entry):
+    loss, _ = _seen_batches(mutate_from=1)
+    batches = torch.arange(6.0).reshape(3, 2)
+    with pytest.raises(RuntimeError, match=LATER_BATCH + r".*x = x \* 2"):
+        if entry == "unroll":
+            hg.unroll(loss, P(), sgd(), batches)
+        else:
+            hg.hypergrad(outer, loss, P(), sgd(), batches, None, wrt="lr")
+
+
 def tally() -> collections.Counter:
     counts: collections.Counter = collections.Counter()
     for row in ROWS:

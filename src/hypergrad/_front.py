@@ -370,6 +370,7 @@ def differentiate(setup: Setup, problem: Problem, runner: Runner | None = None) 
             if explained is None:
                 raise
             raise explained from error
+    setup.source.verify()  # the last batch handed out: unchanged (see Batches.at)
     if setup.check_finite:
         grads = [g for g in _tree.leaves(result.grads) if isinstance(g, torch.Tensor)]
         bad = not all_finite(result.value, result.losses, *grads)
@@ -424,6 +425,7 @@ def trajectory(setup: Setup, problem: Problem) -> Trajectory:
         run = _with_bar(problem, bar)
         carry, aux, hp = run.bind({})
         carry, losses = run_steps(run, carry, aux, hp, 0, problem.steps)
+    setup.source.verify()  # the last batch handed out: unchanged (see Batches.at)
     stacked = torch.stack(losses)
     if setup.check_finite and not in_functorch_transform():
         final = [x for x in _tree.leaves(carry.params) if isinstance(x, torch.Tensor)]

@@ -313,7 +313,7 @@ def federate(setup: Setup, clients: Clients) -> Federation:
     dims = resolve_in_dims(clients.in_dims, setup.hyperparams)
     count = count_clients(
         dims, setup.params, setup.state, setup.buffers, setup.hyperparams, clients.weights,
-        setup.source.at(0),
+        setup.source.copy_at(0),
     )  # fmt: skip
     how = setup.method
     ranks = None if clients.process_group is None else Ranks(clients.process_group)

@@ -59,6 +59,12 @@ class Batches:
         self._stacked: Any = None
         self._iter: Iterator[Any] | None = None
         self._seen: list[Any] = []
+        # Whether the inner loss changes its batch in place: None until the first batch (a
+        # copy) comes back; then False (hand out the caller's own slices: no copy, and nothing
+        # extra kept for the backward pass) or True (a copy every step).
+        self._mutates: bool | None = None
+        self._watched: list[tuple[torch.Tensor, int]] = []
+        self._watched_copy = False
         if steps is not None:
             positive_int(steps, "steps")
         if _is_stacked(batches):
@@ -111,14 +117,20 @@ class Batches:
         self.steps: int = steps
 
     def at(self, k: int) -> Any:
-        """The batch of step ``k``: a copy, so a loss that changes it in place changes no input.
+        """The batch of step ``k``; the caller's tensors never change through it.
 
-        A batch from an iterable is the same object every time it is asked for.
+        The first batch is a copy. If the inner loss leaves it unchanged, later batches are the
+        caller's own slices (no copy per step, and the backward pass keeps no extra copies);
+        if it changed the copy in place, every batch is a copy. Each batch handed out is
+        checked at the next call (and by ``verify``): a loss that changes a slice of the
+        caller's batch only at a later step gets a clear error. A batch from an iterable is a
+        copy, the same object every time it is asked for.
         """
+        self.verify()
         if self._stacked is not None:
-            return _tree.map(lambda x: x[k].clone(), self._stacked)
+            return self._hand(_tree.map(lambda x: x[k], self._stacked))
         if self._fn is not None:
-            return copied(self._fn(k))
+            return self._hand(self._fn(k))
         while len(self._seen) <= k:
             try:
                 self._seen.append(copied(next(self._iter)))  # type: ignore[arg-type]
@@ -136,3 +148,42 @@ class Batches:
                     "itertools.cycle(batches))."
                 ) from None
         return self._seen[k]
+
+    def copy_at(self, k: int) -> Any:
+        """A copy of step ``k``'s batch, for a caller that runs no loss on it right away (a shape
+        probe, a fetch of every batch up front); ``at``'s watch is left as it was."""
+        if self._stacked is not None:
+            return copied(_tree.map(lambda x: x[k], self._stacked))
+        if self._fn is not None:
+            return copied(self._fn(k))
+        return self.at(k)  # an iterable's batches are copies already
+
+    def _hand(self, batch: Any) -> Any:
+        """``batch``, or a copy of it while the loss may change it in place; watched."""
+        copy = self._mutates is not False
+        if copy:
+            batch = copied(batch)
+        leaves = [x for x in _tree.leaves(batch) if isinstance(x, torch.Tensor)]
+        self._watched = [(x, x._version) for x in leaves]
+        self._watched_copy = copy
+        return batch
+
+    def verify(self) -> None:
+        """Check the batch handed out last: learn whether the loss changes batches in place.
+
+        Raises:
+            RuntimeError: the loss changed the caller's own batch in place (it left the first
+                batch, a copy, unchanged, and changed a later one).
+        """
+        changed = any(x._version != v for x, v in self._watched)
+        self._watched = []
+        if self._watched_copy:
+            if self._mutates is None or changed:
+                self._mutates = changed
+        elif changed:
+            raise RuntimeError(
+                f"{caller()}: inner_loss changed its batch in place at a later step (not at the "
+                "first), so it changed your own batches tensors. Write the op out of place "
+                "(x = x * 2 instead of x.mul_(2), x = x - m instead of x -= m), or pass a copy "
+                "of the batches."
+            )

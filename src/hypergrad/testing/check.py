@@ -420,7 +420,7 @@ def _double(tree: Any) -> Any:
 
 def _double_batches(batches: Any, steps: int | None) -> tuple[Any, int]:
     source = Batches(batches, steps)
-    fetched = [_double(source.at(k)) for k in range(source.steps)]
+    fetched = [_double(source.copy_at(k)) for k in range(source.steps)]
     return (lambda k: fetched[k]), source.steps
 
 
