@@ -19,6 +19,7 @@ from torch.overrides import TorchFunctionMode
 
 from hypergrad import tree as _tree
 from hypergrad._boundary import caller
+from hypergrad._engine.batches import copied
 
 __all__ = ["explained", "is_in_place_error"]
 
@@ -55,7 +56,7 @@ class _InPlaceOps(TorchFunctionMode):
 
 def _first_op(fn: Callable[..., Any], args: tuple[Any, ...]) -> str | None:
     """The first in-place op ``fn(*args)`` calls, replayed on detached copies without autograd."""
-    copies = _tree.map(lambda x: x.detach().clone() if isinstance(x, torch.Tensor) else x, args)
+    copies = copied(_tree.detach(args))
     recorder = _InPlaceOps()
     try:
         with torch.no_grad(), recorder:

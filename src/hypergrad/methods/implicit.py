@@ -16,7 +16,14 @@ from hypergrad._engine.hyper import map_hyper
 from hypergrad._engine.notices import torch_notices_hidden
 from hypergrad._engine.problem import Carry, Problem, run_steps
 from hypergrad._engine.randomness import seeded
-from hypergrad.methods._base import Method, MethodResult, finish, grad_or_none, leaf_inputs
+from hypergrad.methods._base import (
+    Method,
+    MethodResult,
+    finish,
+    fresh_leaves,
+    grad_or_none,
+    leaf_inputs,
+)
 from hypergrad.methods._solvers import SOLVERS, Solve
 from hypergrad.tree import PyTree
 
@@ -236,10 +243,10 @@ class Implicit(Method):
                 return condition.residual(params, carry.buffers, aux, hp, batch)
 
         with torch_notices_hidden():
-            flat, spec = optree.tree_flatten(carry.params, namespace=_tree._NAMESPACE)
-            at = [x.detach().requires_grad_() for x in flat]
+            at_tree, _, at = fresh_leaves(carry.params)  # params: floating-point leaves only
+            spec = optree.tree_structure(carry.params, namespace=_tree._NAMESPACE)
             with torch.enable_grad():  # F at params_K, its graph kept for the products
-                moved = _tree.leaves(residual(optree.tree_unflatten(spec, at), aux, hp))
+                moved = _tree.leaves(residual(at_tree, aux, hp))
             ratio = self._check_stationary(residual, moved, condition.start(problem.params))
             value, direct, cotangent = _outer_grads(problem, carry, aux, inputs.leaves)
             if self.hvp == "reverse":
@@ -355,12 +362,10 @@ def _outer_grads(
     problem: Problem, carry: Carry, aux: PyTree, leaves: list[torch.Tensor]
 ) -> tuple[torch.Tensor, list[torch.Tensor | None], PyTree]:
     """The outer value, its direct gradient for each input leaf, and its gradient at params_K."""
-    flat, spec = optree.tree_flatten(carry.params, namespace=_tree._NAMESPACE)
-    at = [x.detach().requires_grad_() for x in flat]
+    at_tree, _, at = fresh_leaves(carry.params)
+    spec = optree.tree_structure(carry.params, namespace=_tree._NAMESPACE)
     with torch.enable_grad():
-        value = problem.value(
-            Carry(optree.tree_unflatten(spec, at), carry.state, carry.buffers), aux
-        )
+        value = problem.value(Carry(at_tree, carry.state, carry.buffers), aux)
     grads = grad_or_none([value], at + leaves)
     cotangent = [torch.zeros_like(x) if g is None else g for x, g in zip(at, grads)]
     return value.detach(), grads[len(at) :], optree.tree_unflatten(spec, cotangent)
