@@ -27,6 +27,10 @@ from hypergrad._clients.ranks import RankFailure
 
 R, K = 3, 2  # rounds, local steps per round
 TOL = 1e-10
+# The backend and the device of the tensors: gloo on the CPU unless the launcher says otherwise
+# (test_cuda.py: NCCL on one GPU, and gloo with CUDA tensors).
+BACKEND = os.environ.get("HG_TEST_BACKEND", "gloo")
+DEVICE = torch.device(os.environ.get("HG_TEST_DEVICE", "cpu"))
 
 
 def shares(world: int) -> list[int]:
@@ -41,13 +45,14 @@ def data(clients: int) -> dict:
     def randn(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=g, dtype=d)
 
-    return {
+    made = {
         "params": {"w": randn(clients, 3), "b": randn(clients)},
         "batches": (randn(R * K, clients, 8, 3), randn(R * K, clients, 8)),
         "val": (randn(16, 3), randn(16)),
         "aux": {"s": torch.tensor(0.1, dtype=d), "v": randn(3)},
         "weights": torch.rand(clients, generator=g, dtype=d) + 0.5,
     }
+    return hg.tree.map(lambda x: x.to(DEVICE), made)
 
 
 def inner(p, aux, batch):
@@ -193,7 +198,7 @@ class Checks:
 
     def per_client_lr(self):  # a gradient with a client dimension stays the rank's own
         a = self.all
-        lr = torch.linspace(0.05, 0.15, self.total, dtype=torch.float64)
+        lr = torch.linspace(0.05, 0.15, self.total, dtype=torch.float64, device=DEVICE)
         common = dict(aux=a["aux"], wrt=("aux", "lr"), rounds=R, in_dims={"hyperparams": {"lr": 0}})
         opt = hg.optim.sgd(lr=0.1)
         one = hg.clients.hypergrad(
@@ -225,7 +230,10 @@ class Checks:
             return outer(server, aux, val) + (server["w"] * b["m"]).sum() * b["n"]
 
         def bufs(c):
-            return {"m": torch.zeros(c, 3, dtype=torch.float64), "n": torch.arange(c)}
+            return {
+                "m": torch.zeros(c, 3, dtype=torch.float64, device=DEVICE),
+                "n": torch.arange(c, device=DEVICE),
+            }
 
         opt, kw = hg.optim.adam(lr=0.05), dict(aux=a["aux"], rounds=R, seed=0)
         one = hg.clients.hypergrad(
@@ -479,6 +487,13 @@ CHECKS = [
     "a_rank_without_clients", "forward_refuses_stacked_inputs", "implicit_refused",
     "still_in_step",
 ]  # fmt: skip
+# On a GPU (test_cuda.py): every method's kind of collective, and the faults that make sense
+# for one rank too (NCCL allows one rank per GPU, so its group on one GPU has a single rank).
+ON_DEVICE = [
+    "reverse", "reverse_adam_weights", "checkpointed", "forward", "params_shared",
+    "custom_aggregate", "per_client_lr", "buffers", "unroll", "exception_in_a_loss",
+    "nan_in_an_unroll", "bad_argument_on_one_rank", "implicit_refused", "still_in_step",
+]  # fmt: skip
 
 
 def dies(rank: int) -> dict[str, str]:
@@ -513,13 +528,15 @@ def main() -> None:
     out, mode = sys.argv[1], sys.argv[2]
     torch.set_num_threads(1)
     timeout = datetime.timedelta(seconds=float(os.environ.get("HG_TEST_TIMEOUT", "60")))
-    dist.init_process_group("gloo", timeout=timeout)
+    if DEVICE.type == "cuda":  # NCCL: one device per rank, set before the group starts
+        torch.cuda.set_device(int(os.environ["RANK"]) % torch.cuda.device_count())
+    dist.init_process_group(BACKEND, timeout=timeout)
     rank, world = dist.get_rank(), dist.get_world_size()
     if mode == "dies":
         results = dies(rank)
     else:
         checks, results = Checks(rank, world), {}
-        for name in CHECKS:
+        for name in ON_DEVICE if mode == "on_device" else CHECKS:
             try:
                 getattr(checks, name)()
                 results[name] = "ok"

@@ -37,9 +37,12 @@ def free_port() -> int:
 class Launch:
     """The worker started on ``world`` ranks (output to files, so no pipe can fill and block)."""
 
-    def __init__(self, world: int, mode: str, tmp: Path, timeout: float) -> None:
+    def __init__(
+        self, world: int, mode: str, tmp: Path, timeout: float, env: dict[str, str] | None = None
+    ) -> None:
         env = {
             **os.environ,
+            **(env or {}),
             "MASTER_ADDR": "127.0.0.1",
             "MASTER_PORT": str(free_port()),
             "WORLD_SIZE": str(world),
