@@ -121,8 +121,8 @@ def run_torchopt(model: nn.Module, x, y, vx, vy, maxiter: int) -> torch.Tensor:
         out = torch.func.functional_call(model, dict(zip(names, params)), (xb,))
         return F.cross_entropy(out, yb) + aux * l2(params)
 
-    def optimality(params, aux):
-        return torch.autograd.grad(inner(params, aux, x[-1], y[-1]), params, create_graph=True)
+    def optimality(params, aux):  # torchopt differentiates it with torch.func (its examples')
+        return torch.func.grad(lambda p: inner(p, aux, x[-1], y[-1]))(params)
 
     @torchopt.diff.implicit.custom_root(
         optimality, argnums=1, solve=torchopt.linear_solve.solve_cg(maxiter=maxiter)
@@ -131,10 +131,11 @@ def run_torchopt(model: nn.Module, x, y, vx, vy, maxiter: int) -> torch.Tensor:
         opt = torch.optim.SGD([p.clone().requires_grad_() for p in params], lr=LR,
                               momentum=MOMENTUM)  # fmt: skip
         current = opt.param_groups[0]["params"]
-        for k in range(x.shape[0]):
-            opt.zero_grad(set_to_none=True)
-            inner(current, aux.detach(), x[k], y[k]).backward()
-            opt.step()
+        with torch.enable_grad():  # custom_root runs this inside an autograd.Function's forward
+            for k in range(x.shape[0]):
+                opt.zero_grad(set_to_none=True)
+                inner(current, aux.detach(), x[k], y[k]).backward()
+                opt.step()
         return tuple(p.detach() for p in current)
 
     aux = torch.tensor(AUX, requires_grad=True)

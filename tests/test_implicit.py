@@ -250,13 +250,19 @@ def test_solvers_on_an_explicit_indefinite_system():
     g = torch.Generator().manual_seed(0)
     Q = torch.linalg.qr(torch.randn(8, 8, generator=g, dtype=F64))[0]
     A = Q @ torch.diag(torch.tensor([-3.0, -1.0, -0.5, 0.5, 1.0, 2.0, 4.0, 8.0], dtype=F64)) @ Q.T
-    b = {"x": torch.randn(8, generator=g, dtype=F64)}
-    want = torch.linalg.solve(A, b["x"])
-    out = minres(lambda v: {"x": A @ v["x"]}, b, maxiter=50, tol=1e-12)
-    assert out.converged and torch.allclose(out.x["x"], want, rtol=1e-9)
-    assert "negative curvature" in cg(lambda v: {"x": A @ v["x"]}, b, maxiter=50, tol=1e-12).note
-    zero = neumann(lambda v: v, {"x": torch.zeros(3)}, maxiter=5, tol=1e-6)
+    b = torch.randn(8, generator=g, dtype=F64)
+    kept = b.clone()
+    want = torch.linalg.solve(A, b)
+    out = minres(lambda v: A @ v, b, maxiter=50, tol=1e-12)
+    assert out.converged and torch.allclose(out.x, want, rtol=1e-9)
+    assert "negative curvature" in cg(lambda v: A @ v, b, maxiter=50, tol=1e-12).note
+    zero = neumann(lambda v: v, torch.zeros(3), maxiter=5, tol=1e-6)
     assert zero.converged and zero.iterations == 0
+    spd = A @ A + torch.eye(8, dtype=F64)
+    for solve in (cg, minres):
+        assert torch.allclose(solve(lambda v: spd @ v, b, maxiter=50, tol=1e-13).x,
+                              torch.linalg.solve(spd, b), rtol=1e-9)  # fmt: skip
+    assert torch.equal(b, kept)  # the solvers update their own vectors in place, never b
 
 
 ERRORS = [
@@ -371,3 +377,17 @@ def test_forward_over_reverse_products_give_the_same_numbers(solver):
     forward, _ = ridge(hg.Implicit(solver, tol=1e-10, hvp="forward"))
     assert_close(forward.aux, exact, 1e-7)
     assert_close(forward.aux, reverse.aux, 1e-9)
+
+
+def test_the_solvers_flat_space_round_trips_mixed_dtypes_and_no_leaves():
+    from hypergrad.methods.implicit import _flat_space
+
+    tree = {"a": torch.arange(6.0).view(2, 3), "b": torch.tensor([1.5, -2.0], dtype=F64)}
+    flatten, unflatten = _flat_space(tree)
+    flat = flatten(tree)
+    assert flat.dtype == F64 and flat.shape == (8,)  # the promoted dtype
+    back = unflatten(flat)
+    assert back["a"].dtype == torch.float32 and back["a"].shape == (2, 3)
+    assert torch.equal(back["a"], tree["a"]) and torch.equal(back["b"], tree["b"])
+    flatten, unflatten = _flat_space({})
+    assert flatten({}).shape == (0,) and unflatten(torch.zeros(0)) == {}

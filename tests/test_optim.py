@@ -15,6 +15,7 @@ from hypothesis import assume, event, given
 from hypothesis import strategies as st
 
 import hypergrad as hg
+from hypergrad.optim._common import donated
 from hypergrad.testing.check import finite_difference
 
 F64 = torch.float64
@@ -161,6 +162,56 @@ def test_trajectory_matches_torch_optim(family, data):
         for k in params:
             assert ours[k].dtype == dtype and ours[k].shape == params[k].shape
             assert rel_err(ours[k], ref[k]) <= tol, (k, foreach)
+
+
+def donated_trajectory(opt, params, grads):
+    """``hg_trajectory`` as the engine's plain training runs it: steps after the first donate.
+
+    Also returns, per step after the first, the storage of each leaf of the new params.
+    """
+    state = opt.init(params)
+    params, state = opt.step(params, grads[0], state)
+    storages = []
+    for g in grads[1:]:
+        with donated():
+            params, state = opt.step(params, g, state)
+        storages.append([v.untyped_storage().data_ptr() for v in params.values()])
+    return params, state, storages
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=ids)
+@given(data=st.data())
+def test_donated_steps_write_in_place_bit_for_bit(family, data):
+    hyper, options, shapes = data.draw(configs(family))
+    dtype = data.draw(st.sampled_from([F64, torch.float32]))
+    params = make_params(shapes, dtype)
+    before = {k: v.clone() for k, v in params.items()}
+    grads = grad_stream(params, 6)
+    opt = family.make(**kwargs_of(hyper), **options)
+    want, want_state = hg_trajectory(opt, params, grads)
+    got, got_state, storages = donated_trajectory(opt, params, grads)
+    for a, b in zip(hg.tree.leaves((got, got_state)), hg.tree.leaves((want, want_state))):
+        assert torch.equal(a, b)
+    assert all(s == storages[0] for s in storages)  # the same memory, written over each step
+    for k in params:
+        assert torch.equal(params[k], before[k])  # the first step's inputs are the caller's
+
+
+def test_donated_steps_with_tensor_hyperparameters_or_a_graph_stay_out_of_place():
+    params = make_params([(3,), (2, 3)])
+    grads = grad_stream(params, 4)
+    tensor_lr = hg.optim.sgd(lr=torch.tensor(0.1, dtype=F64), momentum=0.9)
+    want, _ = hg_trajectory(tensor_lr, params, grads)
+    got, _, storages = donated_trajectory(tensor_lr, params, grads)
+    for k in params:
+        assert torch.equal(got[k], want[k])
+    assert storages[0] != storages[-1]  # new vectors every step: nothing overwritten
+    leaves = {k: v.clone().requires_grad_() for k, v in params.items()}
+    got, _, storages = donated_trajectory(hg.optim.adam(lr=0.1), leaves, grads)
+    assert got["p0"].grad_fn is not None and storages[0] != storages[-1]  # a graph: kept
+    with torch.no_grad():  # nothing recorded: the same call writes in place
+        _, _, storages = donated_trajectory(hg.optim.adam(lr=0.1), leaves, grads)
+    assert storages[0] == storages[-1]
 
 
 def test_mixed_dtypes_are_grouped():

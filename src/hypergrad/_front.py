@@ -424,7 +424,7 @@ def trajectory(setup: Setup, problem: Problem) -> Trajectory:
     with progress_bar(setup.progress, problem.steps, "unroll") as bar:
         run = _with_bar(problem, bar)
         carry, aux, hp = run.bind({})
-        carry, losses = run_steps(run, carry, aux, hp, 0, problem.steps)
+        carry, losses = run_steps(run, carry, aux, hp, 0, problem.steps, donate=True)
     setup.source.verify()  # the last batch handed out: unchanged (see Batches.at)
     stacked = torch.stack(losses)
     if setup.check_finite and not in_functorch_transform():

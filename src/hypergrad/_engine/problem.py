@@ -20,6 +20,7 @@ batches) -> (params, state, buffers, losses)`` or ``None`` (run those steps one 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
@@ -32,6 +33,7 @@ from hypergrad._engine.inplace import explained, is_in_place_error
 from hypergrad._engine.kernels import math_attention as _math_attention
 from hypergrad._engine.randomness import manual_seed, seeded
 from hypergrad._engine.step import StepFn
+from hypergrad.optim._common import donated
 from hypergrad.tree import PyTree
 
 __all__ = ["Carry", "Problem", "outer_fn", "run_steps"]
@@ -131,6 +133,8 @@ def run_steps(
     hyperparams: Mapping[str, Any],
     start: int,
     stop: int,
+    *,
+    donate: bool = False,
 ) -> tuple[Carry, list[torch.Tensor]]:
     """Run steps ``start .. stop-1`` of ``problem`` from ``carry``: the one loop of the engine.
 
@@ -145,6 +149,11 @@ def run_steps(
     carry and the steps' losses, or ``None`` when the steps must run one by one (they drew
     random numbers, which need the seed of each step, or the multi-step cannot run here), and
     the loop then runs them through ``Problem.step``. The numbers are the same either way.
+
+    ``donate=True``: the caller keeps no step's carry but the last (plain training), so every
+    step after the first may overwrite its inputs, the previous step's outputs: the optimizer
+    then updates in place where nothing is recorded (``hypergrad.optim._common.donated``).
+    The first step never does: its inputs are the caller's.
     """
     losses: list[torch.Tensor] = []
     params, state, buffers = carry
@@ -171,9 +180,10 @@ def run_steps(
                     k += len(chunk)
                     continue
             batch = fetch(k)
-            params, state, buffers, loss = problem.step(
-                params, state, buffers, aux, hyperparams, batch
-            )
+            with donated() if donate and k > start else contextlib.nullcontext():
+                params, state, buffers, loss = problem.step(
+                    params, state, buffers, aux, hyperparams, batch
+                )
             losses.append(loss)
             if problem.on_step is not None:
                 problem.on_step()

@@ -36,6 +36,7 @@ from hypergrad._engine.compile import Compile, compile_step, step_key
 from hypergrad._engine.inplace import explained, is_in_place_error
 from hypergrad._engine.kernels import math_attention as _math_attention
 from hypergrad.optim._base import Optimizer
+from hypergrad.optim._hyper import in_functorch_transform
 from hypergrad.tree import PyTree
 
 __all__ = [
@@ -47,11 +48,6 @@ __all__ = [
 ]
 
 StepFn = Callable[..., tuple[PyTree, PyTree, PyTree, torch.Tensor]]
-
-
-def in_functorch_transform() -> bool:
-    """True when called inside a torch.func transform (grad, vmap, jvp, ...)."""
-    return torch._C._functorch.maybe_current_level() is not None
 
 
 def _call_inner(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Callable
@@ -232,7 +233,7 @@ class Implicit(Method):
         inputs = leaf_inputs(problem)
         start, aux, hp = problem.bind(inputs.trees)
         with torch.no_grad():  # plain training: no graph
-            carry, losses = run_steps(problem, start, aux, hp, 0, problem.steps)
+            carry, losses = run_steps(problem, start, aux, hp, 0, problem.steps, donate=True)
         carry = Carry(*(_tree.detach(t) for t in carry))
         batch = self.batch if self.batch is not None else condition.batch_at(problem.steps - 1)
         fixed_aux = _tree.detach(aux)
@@ -253,8 +254,8 @@ class Implicit(Method):
                 hvp = _reverse_hvp(moved, at, spec)
             else:
                 hvp = _forward_hvp(residual, carry.params)
-            solve = self._solve(hvp, cotangent)
-            through = grad_or_none(moved, inputs.leaves, _tree.leaves(solve.x))
+            solve, x = self._solve(hvp, cotangent)
+            through = grad_or_none(moved, inputs.leaves, _tree.leaves(x))
         grads = [_minus(d, t) for d, t in zip(direct, through)]
         report = ImplicitReport(
             self.solver, solve.iterations, solve.residual, solve.converged, ratio
@@ -279,15 +280,16 @@ class Implicit(Method):
             )
         return ratio
 
-    def _solve(self, hvp: Callable[[PyTree], PyTree], rhs: PyTree) -> Solve:
-        """``(H + damping I) v = rhs``, given ``v -> H v``."""
+    def _solve(self, hvp: Callable[[PyTree], PyTree], rhs: PyTree) -> tuple[Solve, PyTree]:
+        """``(H + damping I) v = rhs``, given ``v -> H v``; the solve and ``v`` as a tree."""
+        flatten, unflatten = _flat_space(rhs)
 
-        def matvec(v: PyTree) -> PyTree:
-            out = hvp(v)
-            return out if self.damping == 0 else _tree.add(out, _tree.scale(v, self.damping))
+        def matvec(v: torch.Tensor) -> torch.Tensor:
+            out = flatten(hvp(unflatten(v)))
+            return out if self.damping == 0 else out.add_(v, alpha=self.damping)
 
         solve = SOLVERS[self.solver](
-            matvec, rhs, maxiter=self.maxiter, tol=self.tol, alpha=self.alpha
+            matvec, flatten(rhs), maxiter=self.maxiter, tol=self.tol, alpha=self.alpha
         )
         if not solve.converged:
             why = f" ({solve.note})" if solve.note else ""
@@ -298,7 +300,7 @@ class Implicit(Method):
                 ImplicitWarning,
                 stacklevel=5,
             )
-        return solve
+        return solve, unflatten(solve.x)
 
     def __repr__(self) -> str:
         args = [repr(self.solver)] if self.solver != "cg" else []
@@ -320,6 +322,33 @@ def _advice(solver: str) -> str:
             "solver='minres' if the params are not at a strict minimum."
         )
     return "Raise maxiter, or add damping > 0 for an ill-conditioned or singular Hessian."
+
+
+def _flat_space(
+    like: PyTree,
+) -> tuple[Callable[[PyTree], torch.Tensor], Callable[[torch.Tensor], PyTree]]:
+    """``(flatten, unflatten)`` between trees like ``like`` and one 1-d vector the solvers use.
+
+    The vector has the promoted dtype of the leaves and the first leaf's device; ``flatten``
+    returns a new vector, ``unflatten`` views of it (copies for a leaf of another dtype or
+    device). Every leaf is a floating-point tensor (the params' gradient).
+    """
+    leaves, spec = optree.tree_flatten(like, namespace=_tree._NAMESPACE)
+    dtypes = [x.dtype for x in leaves]
+    dtype = functools.reduce(torch.promote_types, dtypes) if leaves else torch.get_default_dtype()
+    device = leaves[0].device if leaves else torch.device("cpu")
+    sizes = [x.numel() for x in leaves]
+
+    def flatten(tree: PyTree) -> torch.Tensor:
+        parts = [x.reshape(-1).to(dtype=dtype, device=device) for x in spec.flatten_up_to(tree)]
+        return torch.cat(parts) if parts else torch.zeros(0, dtype=dtype, device=device)
+
+    def unflatten(vector: torch.Tensor) -> PyTree:
+        pieces = vector.split(sizes)
+        out = [p.view(x.shape).to(dtype=x.dtype, device=x.device) for p, x in zip(pieces, leaves)]
+        return optree.tree_unflatten(spec, out)
+
+    return flatten, unflatten
 
 
 def _reverse_hvp(

@@ -7,11 +7,18 @@ hyperparameters become flat vectors the same way, the maths runs once on the fla
 results are split back into leaves. This batches the tensor work like ``torch._foreach_*`` does,
 but with ordinary differentiable ops, so it works under ``torch.func.grad``, ``jvp``, ``vmap``
 (foreach ops have no vmap batching rule) and ``torch.autograd.grad(create_graph=True)``.
+
+A family may also give an in-place form of its maths (``InPlace``), which the engine's plain
+training uses: inside ``donated()`` (the inputs are the caller's to overwrite) and when nothing
+is recorded, ``flat_update`` writes the new values into the flat vectors of the params and the
+state, as torch.optim does, instead of allocating new ones every step.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, NamedTuple
 
 import optree
@@ -23,6 +30,7 @@ from hypergrad.optim._hyper import (
     check_hyperparams,
     concrete,
     flat_hp,
+    in_functorch_transform,
     is_zero,
     resolve,
     resolve_all,
@@ -108,6 +116,43 @@ class Flat(NamedTuple):
 
 
 Math = Callable[[Flat], tuple[torch.Tensor, Buffers]]
+# The same maths written into ``p`` and the buffers of the ``Flat`` (whose vectors the caller
+# owns); returns False, having changed nothing, where it does not apply (a hyperparameter that
+# is a tensor, torch.optim's first-step branch), and the out-of-place maths runs instead.
+InPlace = Callable[[Flat], bool]
+
+
+# --------------------------------------------------------------------------- donated steps
+
+_DONATED: contextvars.ContextVar[bool] = contextvars.ContextVar("hypergrad_donated", default=False)
+
+
+@contextlib.contextmanager
+def donated() -> Iterator[None]:
+    """Inside: the params and state given to a family's update are the caller's to overwrite.
+
+    The engine enters it for a step whose inputs are the previous step's outputs, held by
+    nothing else (plain training without a graph: ``hg.Implicit``'s, ``hg.unroll``'s). A
+    family's update then writes into the flat vectors those params and buffers are views of
+    (see ``flat_update``); the values are the same, bit for bit, as the out-of-place ones.
+    """
+    token = _DONATED.set(True)
+    try:
+        yield
+    finally:
+        _DONATED.reset(token)
+
+
+def _writable(tensors: list[torch.Tensor], hp: Mapping[str, Any]) -> bool:
+    """Whether an update may write into its inputs: donated, eager, and nothing recorded."""
+    if torch.compiler.is_compiling():  # (and dynamo cannot trace a ContextVar)
+        return False
+    if not _DONATED.get() or in_functorch_transform():
+        return False
+    if not torch.is_grad_enabled():
+        return True
+    hp_tensors = [x for x in optree.tree_leaves(dict(hp)) if isinstance(x, torch.Tensor)]
+    return not any(t.requires_grad for t in (*tensors, *hp_tensors))
 
 
 TRAINABLE = (
@@ -197,6 +242,7 @@ def flat_update(
     step: torch.Tensor,
     hyperparams: Mapping[str, Any],
     options: Mapping[str, Any],
+    in_place: InPlace | None = None,
 ) -> tuple[PyTree, dict[str, PyTree | None]]:
     """Run ``math`` once per (dtype, device) group on flat vectors; return new params, buffers.
 
@@ -207,6 +253,11 @@ def flat_update(
     The per-structure work (grouping, sizes, shapes) is cached; when the params or a buffer
     are the consecutive views of one flat vector (as this function returns them) that vector
     is used as is instead of concatenating the leaves again.
+
+    ``in_place``: the family's in-place maths, run instead of ``math`` inside ``donated()``
+    when no autograd graph or torch.func transform records the step: it writes into that flat
+    vector (a fresh concatenation when the leaves are not views of one), which the returned
+    leaves are views of.
     """
     p_leaves, spec = optree.tree_flatten(params, namespace=_NAMESPACE)
     g_leaves, g_spec = optree.tree_flatten(grads, namespace=_NAMESPACE)
@@ -233,6 +284,9 @@ def flat_update(
             _check_shapes(f"state.{name}", leaves, spec, shapes, fix)
         b_leaves[name] = leaves
     hp = resolve_all(hyperparams, spec, shapes)
+    writable = in_place is not None and _writable(
+        [*p_leaves, *g_leaves, *[b for v in b_leaves.values() if v is not None for b in v]], hp
+    )
     groups = _layout(spec, p_leaves)
     n = len(p_leaves)
     new_p: list[Any] = [None] * n
@@ -249,7 +303,11 @@ def flat_update(
             for k, v in hp.items()
         }
         bufs = {k: (None if v is None else _cat(v, group)) for k, v in b_leaves.items()}
-        out_p, out_b = math(Flat(p, _cat(g_leaves, group), bufs, step, ghp, options))
+        flat = Flat(p, _cat(g_leaves, group), bufs, step, ghp, options)
+        if writable and in_place(flat):  # type: ignore[misc]
+            out_p, out_b = flat.p, flat.bufs
+        else:
+            out_p, out_b = math(flat)
         _scatter(out_p, group, new_p)
         for k, v in out_b.items():
             if v is not None:
@@ -318,13 +376,15 @@ def build(
     buffers: Callable[[Mapping[str, Any], Mapping[str, Any]], dict[str, Any]],
     math: Math,
     check: Callable[[Mapping[str, Any], Mapping[str, Any]], None] = check_hyperparams,
+    in_place: InPlace | None = None,
 ) -> Any:
     """Assemble an [`Optimizer`][hypergrad.optim.Optimizer] from a family's maths.
 
     The family constructor ``hg.optim.<name>``'s body: checks the hyperparameters as that call.
     ``buffers(hyperparams, options)`` maps each buffer field of ``state_cls`` to ``None`` (off)
     or to its initial value (a hyperparameter form, e.g. ``0.0``); ``math`` is described in
-    ``flat_update``; ``check(hyperparams, options)`` raises for invalid values.
+    ``flat_update``; ``check(hyperparams, options)`` raises for invalid values; ``in_place`` is
+    the same maths written into the donated vectors (``InPlace``), or ``None``.
     """
     from hypergrad.optim._base import Optimizer
 
@@ -366,7 +426,7 @@ def build(
             )
         step = state.step + 1
         bufs = {f: getattr(state, f) for f in state_cls._fields[1:]}
-        new_params, new_bufs = flat_update(math, params, grads, bufs, step, hp, opts)
+        new_params, new_bufs = flat_update(math, params, grads, bufs, step, hp, opts, in_place)
         return new_params, state_cls(step, **new_bufs)
 
     return Optimizer(name, hyperparams, options, init_fn, update_fn, check, elementwise=True)

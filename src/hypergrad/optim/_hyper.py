@@ -29,6 +29,11 @@ def is_zero(x: Any) -> bool:
     return is_number(x) and x == 0
 
 
+def in_functorch_transform() -> bool:
+    """True when called inside a torch.func transform (grad, vmap, jvp, ...)."""
+    return torch._C._functorch.maybe_current_level() is not None
+
+
 def concrete(t: torch.Tensor) -> bool:
     """Whether ``t`` holds real values that may be read (not under vmap/grad/compile)."""
     if torch.compiler.is_compiling():

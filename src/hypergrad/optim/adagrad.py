@@ -7,6 +7,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from hypergrad._boundary import is_number
 from hypergrad.optim._base import Optimizer
 from hypergrad.optim._common import Buffers, Flat, build, register_states, safe_sqrt
 from hypergrad.optim._hyper import Hyper
@@ -41,6 +42,19 @@ def _math(x: Flat) -> tuple[torch.Tensor, Buffers]:
     state_sum = torch.addcmul(x.bufs["sum"], g, g, value=1)
     std = safe_sqrt(state_sum) + hp["eps"]
     return x.p + g * (-clr) / std, {"sum": state_sum}
+
+
+def _math_in_place(x: Flat) -> bool:
+    # ``_math`` with number hyperparameters, written into p and the sum (same kernels).
+    hp = x.hp
+    if not all(is_number(hp[k]) for k in ("lr", "lr_decay", "eps")):
+        return False
+    g = x.grad()
+    clr = hp["lr"] / (1 + (x.step.to(torch.float64) - 1) * hp["lr_decay"])
+    state_sum = x.bufs["sum"].addcmul_(g, g, value=1)
+    std = torch.sqrt(state_sum).add_(hp["eps"])  # safe_sqrt is sqrt itself here
+    x.p.add_(g * (-clr) / std)
+    return True
 
 
 def _buffers(hp: Mapping[str, Any], options: Mapping[str, Any]) -> dict[str, Any]:
@@ -94,7 +108,10 @@ def adagrad(
         eps=eps,
     )
     options = {"maximize": maximize}
-    return build("adagrad", AdagradState, hyperparams, options, buffers=_buffers, math=_math)
+    return build(
+        "adagrad", AdagradState, hyperparams, options,
+        buffers=_buffers, math=_math, in_place=_math_in_place,
+    )  # fmt: skip
 
 
 register_states(AdagradState)

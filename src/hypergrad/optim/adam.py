@@ -82,6 +82,39 @@ def _adam_math(x: Flat, *, decoupled: bool) -> tuple[torch.Tensor, Buffers]:
     return new_p, {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq, "max_exp_avg_sq": max_sq}
 
 
+def _adam_in_place(x: Flat, *, decoupled: bool) -> bool:
+    # ``_adam_math``'s eager branch (number hyperparameters, a step counter on the host),
+    # written into p and the buffers with the same kernels, as torch.optim's own step.
+    lr, (beta1, beta2), eps, wd = x.hp["lr"], x.hp["betas"], x.hp["eps"], x.hp["weight_decay"]
+    step_value = host_value(x.step)
+    if step_value is None or not all(is_number(v) for v in (lr, beta1, beta2, eps)):
+        return False
+    p, g, bufs = x.p, x.grad(l2=not decoupled), x.bufs
+    if decoupled and not is_zero(wd):
+        p.mul_(1 - lr * wd)
+    exp_avg, exp_avg_sq = bufs["exp_avg"], bufs["exp_avg_sq"]
+    exp_avg.lerp_(g, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    second = exp_avg_sq
+    if x.options["amsgrad"]:
+        old = bufs["max_exp_avg_sq"]
+        old.copy_(torch.where(exp_avg_sq > old, exp_avg_sq, old))
+        second = old
+    bias_correction2 = 1 - beta2 ** x.step.to(torch.float64)
+    # safe_sqrt is sqrt itself on these nonnegative values (it only changes the backward)
+    denom = torch.sqrt(second).div_(torch.sqrt(bias_correction2)).add_(eps)
+    p.addcdiv_(exp_avg, denom, value=-(lr / (1 - beta1**step_value)))
+    return True
+
+
+def _in_place_l2(x: Flat) -> bool:
+    return _adam_in_place(x, decoupled=False)
+
+
+def _in_place_decoupled(x: Flat) -> bool:
+    return _adam_in_place(x, decoupled=True)
+
+
 def _math_l2(x: Flat) -> tuple[torch.Tensor, Buffers]:
     return _adam_math(x, decoupled=False)
 
@@ -120,7 +153,11 @@ def _family(
     hyperparams = {"lr": lr, "betas": _pair(betas), "eps": eps, "weight_decay": wd}
     options = {"amsgrad": amsgrad, "maximize": maximize}
     math = _math_decoupled if name == "adamw" else _math_l2
-    return build(name, AdamState, hyperparams, options, buffers=_buffers, math=math, check=_check)
+    in_place = _in_place_decoupled if name == "adamw" else _in_place_l2
+    return build(
+        name, AdamState, hyperparams, options,
+        buffers=_buffers, math=math, check=_check, in_place=in_place,
+    )  # fmt: skip
 
 
 def adam(

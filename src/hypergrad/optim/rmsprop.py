@@ -66,6 +66,29 @@ def _math(x: Flat) -> tuple[torch.Tensor, Buffers]:
     return new_p, {"square_avg": square_avg, "momentum_buffer": buf, "grad_avg": grad_avg}
 
 
+def _math_in_place(x: Flat) -> bool:
+    # ``_math`` with number hyperparameters, written into p and the buffers (same kernels).
+    lr, alpha, eps, momentum = x.hp["lr"], x.hp["alpha"], x.hp["eps"], x.hp["momentum"]
+    if not all(is_number(v) for v in (lr, alpha, eps, momentum)):
+        return False
+    p, g, bufs = x.p, x.grad(), x.bufs
+    square_avg = bufs["square_avg"].mul_(alpha).addcmul_(g, g, value=1 - alpha)
+    if x.options["centered"]:
+        grad_avg = bufs["grad_avg"].lerp_(g, 1 - alpha)
+        # safe_sqrt is sqrt itself here (it only changes the backward), nan below zero included
+        avg = torch.addcmul(square_avg, grad_avg, grad_avg, value=-1).sqrt_()
+    else:
+        avg = torch.sqrt(square_avg)
+    avg.add_(eps)
+    buf = bufs["momentum_buffer"]
+    if buf is not None:
+        buf.mul_(momentum).addcdiv_(g, avg)
+        p.add_(buf, alpha=-lr)
+    else:
+        p.addcdiv_(g, avg, value=-lr)
+    return True
+
+
 def _buffers(hp: Mapping[str, Any], options: Mapping[str, Any]) -> dict[str, Any]:
     return {
         "square_avg": 0.0,
@@ -116,7 +139,10 @@ def rmsprop(
     """
     hyperparams = dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum)
     options = {"centered": centered, "maximize": maximize}
-    return build("rmsprop", RMSpropState, hyperparams, options, buffers=_buffers, math=_math)
+    return build(
+        "rmsprop", RMSpropState, hyperparams, options,
+        buffers=_buffers, math=_math, in_place=_math_in_place,
+    )  # fmt: skip
 
 
 register_states(RMSpropState)

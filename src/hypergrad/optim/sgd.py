@@ -67,6 +67,24 @@ def _math(x: Flat) -> tuple[torch.Tensor, Buffers]:
     return axpy(p, -lr, g), {"momentum_buffer": buf}
 
 
+def _math_in_place(x: Flat) -> bool:
+    # ``_math``'s eager branch, written into p and the buffer (as torch.optim's own step).
+    hp = x.hp
+    if not all(is_number(hp[k]) for k in ("lr", "momentum", "dampening")):
+        return False
+    buf = x.bufs["momentum_buffer"]
+    if buf is not None:
+        step_value = host_value(x.step)
+        if step_value is None or step_value <= 1:
+            return False
+    g = x.grad()
+    if buf is not None:
+        buf.mul_(hp["momentum"]).add_(g, alpha=1 - hp["dampening"])
+        g = torch.add(g, buf, alpha=hp["momentum"]) if x.options["nesterov"] else buf
+    x.p.add_(g, alpha=-hp["lr"])
+    return True
+
+
 def _check(hp: Mapping[str, Any], options: Mapping[str, Any]) -> None:
     check_hyperparams(hp, unchecked=("dampening",))  # torch.optim.SGD takes any dampening
     if options["nesterov"]:
@@ -141,7 +159,10 @@ def sgd(
     """
     hyperparams = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay)
     options = {"nesterov": nesterov, "maximize": maximize}
-    return build("sgd", SGDState, hyperparams, options, buffers=_buffers, math=_math, check=_check)
+    return build(
+        "sgd", SGDState, hyperparams, options,
+        buffers=_buffers, math=_math, check=_check, in_place=_math_in_place,
+    )  # fmt: skip
 
 
 register_states(SGDState)
