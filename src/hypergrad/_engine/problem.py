@@ -157,6 +157,7 @@ def run_steps(
     """
     losses: list[torch.Tensor] = []
     params, state, buffers = carry
+    scratch: dict[Any, torch.Tensor] = {}  # the donated steps' reused vectors
     multi, seed, devices = problem.multi, problem.seed, problem.devices
 
     def fetch(k: int) -> Any:
@@ -180,7 +181,7 @@ def run_steps(
                     k += len(chunk)
                     continue
             batch = fetch(k)
-            with donated() if donate and k > start else contextlib.nullcontext():
+            with donated(scratch) if donate and k > start else contextlib.nullcontext():
                 params, state, buffers, loss = problem.step(
                     params, state, buffers, aux, hyperparams, batch
                 )

@@ -124,30 +124,45 @@ InPlace = Callable[[Flat], bool]
 
 # --------------------------------------------------------------------------- donated steps
 
-_DONATED: contextvars.ContextVar[bool] = contextvars.ContextVar("hypergrad_donated", default=False)
+# Inside ``donated``: the scratch vectors the steps of one loop share (see ``_scratch``).
+_DONATED: contextvars.ContextVar[dict[Any, torch.Tensor] | None] = contextvars.ContextVar(
+    "hypergrad_donated", default=None
+)
 
 
 @contextlib.contextmanager
-def donated() -> Iterator[None]:
+def donated(scratch: dict[Any, torch.Tensor] | None = None) -> Iterator[None]:
     """Inside: the params and state given to a family's update are the caller's to overwrite.
 
     The engine enters it for a step whose inputs are the previous step's outputs, held by
     nothing else (plain training without a graph: ``hg.Implicit``'s, ``hg.unroll``'s). A
     family's update then writes into the flat vectors those params and buffers are views of
     (see ``flat_update``); the values are the same, bit for bit, as the out-of-place ones.
+    ``scratch``: a dict the steps of one loop share, in which the update keeps the vector it
+    gathers the gradients into, so that no step allocates (and faults in) a new one.
     """
-    token = _DONATED.set(True)
+    token = _DONATED.set({} if scratch is None else scratch)
     try:
         yield
     finally:
         _DONATED.reset(token)
 
 
+def _scratch(like: torch.Tensor, numel: int) -> torch.Tensor:
+    """A vector of ``numel`` elements like ``like``'s, kept in the current ``donated`` scratch."""
+    scratch = _DONATED.get()
+    assert scratch is not None
+    key = (numel, like.dtype, like.device)
+    if key not in scratch:
+        scratch[key] = torch.empty(numel, dtype=like.dtype, device=like.device)
+    return scratch[key]
+
+
 def _writable(tensors: list[torch.Tensor], hp: Mapping[str, Any]) -> bool:
     """Whether an update may write into its inputs: donated, eager, and nothing recorded."""
     if torch.compiler.is_compiling():  # (and dynamo cannot trace a ContextVar)
         return False
-    if not _DONATED.get() or in_functorch_transform():
+    if _DONATED.get() is None or in_functorch_transform():
         return False
     if not torch.is_grad_enabled():
         return True
@@ -303,11 +318,14 @@ def flat_update(
             for k, v in hp.items()
         }
         bufs = {k: (None if v is None else _cat(v, group)) for k, v in b_leaves.items()}
-        flat = Flat(p, _cat(g_leaves, group), bufs, step, ghp, options)
-        if writable and in_place(flat):  # type: ignore[misc]
-            out_p, out_b = flat.p, flat.bufs
+        if writable:
+            flat = Flat(p, _cat(g_leaves, group, into_scratch=True), bufs, step, ghp, options)
+            if in_place(flat):  # type: ignore[misc]
+                out_p, out_b = flat.p, flat.bufs
+            else:  # the out-of-place maths gets a gradient vector of its own
+                out_p, out_b = math(flat._replace(g=flat.g.clone()))
         else:
-            out_p, out_b = math(flat)
+            out_p, out_b = math(Flat(p, _cat(g_leaves, group), bufs, step, ghp, options))
         _scatter(out_p, group, new_p)
         for k, v in out_b.items():
             if v is not None:
@@ -319,8 +337,11 @@ def flat_update(
     return params_out, bufs_out
 
 
-def _cat(leaves: list[torch.Tensor], group: _Group) -> torch.Tensor:
-    """The leaves of one group as one flat vector (their common base when they are views of it)."""
+def _cat(leaves: list[torch.Tensor], group: _Group, *, into_scratch: bool = False) -> torch.Tensor:
+    """The leaves of one group as one flat vector (their common base when they are views of it).
+
+    ``into_scratch`` (inside ``donated``): a concatenation goes into the loop's scratch vector.
+    """
     idx = group.idx
     if len(idx) == 1:
         return leaves[idx[0]].reshape(-1)
@@ -332,6 +353,9 @@ def _cat(leaves: list[torch.Tensor], group: _Group) -> torch.Tensor:
         base = _flat_base(chosen, group.sizes)
         if base is not None:
             return base
+        if into_scratch:
+            out = _scratch(chosen[0], sum(group.sizes))
+            return torch.cat([t.reshape(-1) for t in chosen], out=out)
         # One C++ call: cat of the flattened leaves, the same differentiable ops as below.
         return torch._utils._flatten_dense_tensors(chosen)
     return torch.cat([t if flat else t.reshape(-1) for t, flat in zip(chosen, group.flat)])
