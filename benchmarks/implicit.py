@@ -13,8 +13,9 @@ the time of the same K plain training steps with ``torch.optim`` (forward, backw
   does not claim an exact hypergradient for this problem. Its Hessian-vector products are double
   backwards through one recorded gradient graph (``hvp="reverse"``, the default); the row
   ``hvp=forward`` takes them with ``torch.func.jvp`` (forward-over-reverse) instead.
-- ``hg.unroll``: the engine's plain training alone, which ``hg.Implicit`` runs first (its
-  overhead over ``torch.optim`` is the functional call and the out-of-place optimizer).
+- ``hg.unroll``: the engine's plain training alone, which ``hg.Implicit`` runs first (with no
+  graph to record, its optimizer writes into its vectors from the second step on, as
+  ``torch.optim`` does; the rest of its overhead is the functional call and the flat update).
 - ``"reverse"`` (up to ``--reverse-max-k``: its memory is linear in K) and
   ``hg.Checkpointed(sqrt K)``.
 - ``torchopt``'s implicit differentiation (``torchopt.diff.implicit.custom_root`` with its CG
