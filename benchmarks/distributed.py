@@ -16,7 +16,8 @@ several per cent; the separate one-process launch's ratio is kept as
 cores), so the CPU time of each rank's call (``time.process_time``) is reported too: the work a
 rank does, which halves with two processes when the scheme scales. Bytes communicated are counted by wrapping ``torch.distributed.all_reduce``
 and ``all_gather_object`` for one call: the payload each rank sends into the collectives,
-divided by R for a per-round figure (the collectives' own protocol overhead is not counted).
+divided by R for a per-round figure (the collectives' own protocol overhead is not counted),
+and the number of collectives in the call (each costs a round trip).
 
 Target: 2 processes >= 1.6x one process at C = 256 (one thread each), on a quiet 2-core
 machine. Writes ``benchmarks/results/distributed.json``.
@@ -49,19 +50,23 @@ ROUNDS = 2
 
 
 class Counter:
-    """Bytes this rank puts into collectives, by wrapping torch.distributed's functions."""
+    """Collectives this rank runs and the bytes it puts into them, by wrapping torch.distributed's
+    functions (``all_gather_object`` counts once, though it runs two all-gathers)."""
 
     def __init__(self) -> None:
         self.bytes = 0
+        self.calls = 0
         self._reduce, self._gather = dist.all_reduce, dist.all_gather_object
 
     def __enter__(self) -> Counter:
         def all_reduce(tensor, *args, **kwargs):
             self.bytes += tensor.numel() * tensor.element_size()
+            self.calls += 1
             return self._reduce(tensor, *args, **kwargs)
 
         def all_gather_object(out, obj, *args, **kwargs):
             self.bytes += len(pickle.dumps(obj))
+            self.calls += 1
             return self._gather(out, obj, *args, **kwargs)
 
         dist.all_reduce, dist.all_gather_object = all_reduce, all_gather_object  # type: ignore[assignment]
@@ -123,6 +128,7 @@ def worker(sizes: list[int], repeats: int) -> dict:
             "seconds": {name: statistics.median(ts) for name, ts in times.items()},
             "cpu_seconds": {name: statistics.median(ts) for name, ts in cpu.items()},
             "bytes_per_round": counter.bytes / ROUNDS,
+            "collectives_per_call": counter.calls,
             "grad_norm": float(grad.norm()),
         }
     dist.barrier()  # every rank done before any tears the group down
@@ -152,7 +158,8 @@ def main(sizes: list[int], repeats: int, write: bool) -> None:
     table = []
     print(f"{'C':>5} {'1 proc':>9} {'1 proc, no group':>17} {'1 proc, interleaved':>20} "
           f"{'2 procs':>9} {'speed-up':>9} "
-          f"{'KiB/round/rank (2 procs)':>25} {'CPU s/rank (1 -> 2)':>20}")  # fmt: skip
+          f"{'KiB/round/rank (2 procs)':>25} {'collectives/call':>17} "
+          f"{'CPU s/rank (1 -> 2)':>20}")  # fmt: skip
     for c in sizes:
         t1, t0 = one[c]["seconds"]["process group"], one[c]["seconds"]["none"]
         t2, alone = two[c]["seconds"]["process group"], two[c]["seconds"]["alone"]
@@ -169,11 +176,12 @@ def main(sizes: list[int], repeats: int, write: bool) -> None:
                 two[c]["cpu_seconds"]["process group"],
             ],
             "bytes_per_round_per_rank": two[c]["bytes_per_round"],
+            "collectives_per_call": two[c]["collectives_per_call"],
             "grad_norms": [one[c]["grad_norm"], two[c]["grad_norm"]],
         }
         table.append(row)
         print(f"{c:>5} {t1:>8.3f}s {t0:>16.3f}s {alone:>19.3f}s {t2:>8.3f}s {alone / t2:>8.2f}x "
-              f"{row['bytes_per_round_per_rank'] / 1024:>25.1f} "
+              f"{row['bytes_per_round_per_rank'] / 1024:>25.1f} {row['collectives_per_call']:>17} "
               f"{row['cpu_s_per_rank'][0]:>9.3f} -> {row['cpu_s_per_rank'][1]:.3f}")  # fmt: skip
     if write:
         out = {

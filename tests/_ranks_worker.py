@@ -76,6 +76,31 @@ def close(got, want, what: str) -> None:
             raise AssertionError(f"{what}: {a} != {b} (max diff {(a - b).abs().max()})")
 
 
+class Counted:
+    """The collectives run inside the block, by name (wrapping torch.distributed's functions)."""
+
+    NAMES = ("all_reduce", "all_gather_object", "all_gather", "broadcast", "broadcast_object_list")
+
+    def __enter__(self) -> Counted:
+        self.calls: dict[str, int] = {}
+        self.saved = {name: getattr(dist, name) for name in self.NAMES}
+
+        def counting(name, fn):
+            def wrapper(*args, **kwargs):
+                self.calls[name] = self.calls.get(name, 0) + 1
+                return fn(*args, **kwargs)
+
+            return wrapper
+
+        for name, fn in self.saved.items():
+            setattr(dist, name, counting(name, fn))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for name, fn in self.saved.items():
+            setattr(dist, name, fn)
+
+
 class Checks:
     def __init__(self, rank: int, world: int) -> None:
         self.rank, self.world = rank, world
@@ -295,6 +320,46 @@ class Checks:
         close(ours.value, one.value, "value")
         close(ours.aux, one.aux, "aux")
 
+    def seed_beyond_int64(self):  # too big for the status row: the fingerprints are gathered
+        def noisy(server, aux, val):
+            return outer(server, aux, val) * (1 + 0.1 * torch.rand((), dtype=torch.float64))
+
+        a, opt, seed = self.all, hg.optim.sgd(lr=0.1), 2**63 + 5
+        kw = dict(aux=a["aux"], rounds=R)
+        one = hg.clients.hypergrad(
+            noisy, inner, a["params"], opt, a["batches"], a["val"], seed=seed, **kw
+        )
+        ours = hg.clients.hypergrad(
+            noisy,
+            inner,
+            self.local("params"),
+            opt,
+            self.local("batches"),
+            a["val"],
+            seed=seed if self.rank == 0 else 0,  # rank 0's is taken
+            process_group=self.group,
+            **kw,
+        )
+        close(ours.value, one.value, "value")
+        close(ours.aux, one.aux, "aux")
+
+    def collectives_per_call(self):  # 4R + 2 all-reduces (an unroll 2R), nothing gathered
+        with Counted() as counted:
+            self.call()
+        if counted.calls != {"all_reduce": 4 * R + 2}:
+            raise AssertionError(f"a hypergradient over {R} rounds ran {counted.calls}")
+        with Counted() as counted:
+            hg.unroll(
+                inner,
+                self.local("params"),
+                hg.optim.sgd(lr=0.1),
+                self.local("batches"),
+                aux=self.all["aux"],
+                clients=hg.Clients(rounds=R, process_group=self.group),
+            )
+        if counted.calls != {"all_reduce": 2 * R}:
+            raise AssertionError(f"an unroll over {R} rounds ran {counted.calls}")
+
     def no_reference_kept(self):  # a group freed only at interpreter exit can abort it (gloo)
         group = dist.distributed_c10d._get_default_group()
         gc.collect()
@@ -481,7 +546,8 @@ class Checks:
 CHECKS = [
     "reverse", "reverse_adam_weights", "checkpointed", "truncated", "first_order", "chunks",
     "forward", "forward_chunked", "params_stacked", "params_shared", "custom_aggregate",
-    "per_client_lr", "buffers", "random_outer_loss", "no_reference_kept", "unroll",
+    "per_client_lr", "buffers", "random_outer_loss", "seed_beyond_int64", "collectives_per_call",
+    "no_reference_kept", "unroll",
     "exception_in_a_loss", "exception_in_a_backward", "nan_in_a_batch", "nan_in_an_unroll",
     "bad_argument_on_one_rank", "different_rounds", "different_method", "different_structure",
     "a_rank_without_clients", "forward_refuses_stacked_inputs", "implicit_refused",

@@ -371,6 +371,8 @@ def differentiate(setup: Setup, problem: Problem, runner: Runner | None = None) 
                 raise
             raise explained from error
     setup.source.verify()  # the last batch handed out: unchanged (see Batches.at)
+    # Before the finite check: over processes, its vote is the call's last exchange.
+    _warn_unused(result.unused, how)
     if setup.check_finite:
         grads = [g for g in _tree.leaves(result.grads) if isinstance(g, torch.Tensor)]
         bad = not all_finite(result.value, result.losses, *grads)
@@ -378,7 +380,6 @@ def differentiate(setup: Setup, problem: Problem, runner: Runner | None = None) 
             if bad:
                 raise_nonfinite(problem, result.value, result.grads)
             locate_nonfinite(problem)  # another process's: replay in step with it
-    _warn_unused(result.unused, how)
     return Hypergradient(
         result.value,
         result.grads.get("aux"),
@@ -414,7 +415,9 @@ def _anywhere(problem: Problem, bad: bool) -> bool:
     """Whether a nan/inf was found here or, for a problem spread over processes, in any of them.
 
     Every process then replays the unroll together (the replay runs the same collectives), and
-    the ones that find the nan/inf raise; the others learn of it at their next collective.
+    the ones that find the nan/inf raise; the others learn of it at their next collective. Over
+    processes the vote is the call's last exchange when it finds nothing (``Ranks.any``): the
+    caller returns right after it, running nothing that could raise.
     """
     return bad if problem.agree is None else problem.agree(bad)
 

@@ -15,19 +15,31 @@ cross-rank sum is explicit:
   hyperparameters, shared initial params) are all-reduced once at the end;
 - forward mode: the all-reduce of the server carries its tangent along (``sum_ranks``).
 
-Faults (``spanning``): every collective of a call is preceded by a status all-reduce. A rank
+Faults (``spanning``): every collective of a call is preceded by a status all-reduce, always
+of the same shape: one int64 row per rank (``_COLUMNS``), each rank setting only its own. A rank
 that raises (in its loss, its checks, the finite check's replay) joins the next status
 all-reduce with its flag set instead; every rank then learns which ranks failed, gathers their
 messages and raises the same ``RankFailure``. A rank that dies makes the next collective fail
-within the group's timeout, which is reported the same way. Calls that disagree across ranks
-(K, rounds, method, structure) are caught by an exchange of fingerprints before the first step.
+within the group's timeout, which is reported the same way. The status all-reduces carry more
+where a call needs it, so that a hypergradient over R rounds (no buffers) runs 4R + 2
+all-reduces and nothing else, an unroll 2R:
+
+- the first (``same_call``, before the first step) carries each rank's 128-bit hash of the
+  call's fingerprint (K, rounds, method, structure), its client weight and its seed; only where
+  the hashes differ are the fingerprints gathered (``all_gather_object``), to name what differs;
+- the finite check's vote (``Ranks.any``) is a status all-reduce with the flag in its row;
+  where no rank flagged, every rank returns right after it, so it settles the call and
+  ``spanning`` skips the last status all-reduce it otherwise runs after the body.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import functools
+import hashlib
+import struct
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NoReturn
 
@@ -48,6 +60,7 @@ __all__ = [
     "counted_once",
     "describe",
     "fedavg_share",
+    "fingerprint_hash",
     "same_call",
     "spanning",
     "sum_ranks",
@@ -57,6 +70,23 @@ __all__ = [
 
 class RankFailure(RuntimeError):
     """A rank of the process group failed (or died); raised on every rank with the same message."""
+
+
+# A status exchange's row, one per rank: whether the rank failed, the finite check's vote, and,
+# in a call's first exchange, its fingerprint's hash (128 bits), its client weight (a float64's
+# bits), its seed, and whether it needs the full fingerprints gathered (a seed beyond int64).
+_COLUMNS = ("failed", "flag", "hash_hi", "hash_lo", "weight", "seed", "detail")
+
+
+@dataclasses.dataclass
+class _Call:
+    """A public call in progress over ranks: whether its exchanges are settled (``Ranks.any``
+    found no flag and no failure, and every rank returns right after)."""
+
+    settled: bool = False
+
+
+_CALL: contextvars.ContextVar[_Call | None] = contextvars.ContextVar("hypergrad_call", default=None)
 
 
 def check_process_group(group: Any) -> None:
@@ -110,12 +140,31 @@ class Ranks:
                 "ranks' output; set the timeout with init_process_group(timeout=...)."
             ) from error
 
-    def _status(self, failed: bool) -> list[int]:
-        flags = torch.zeros(self.size, dtype=torch.int32, device=self.device)
+    def _rows(self, failed: bool, mine: dict[str, int]) -> list[list[int]]:
+        """One all-reduce of every rank's row of ``_COLUMNS`` (int64): this rank sets its own
+        row, the others' stay zero, so the sum is every rank's row, the same on every rank."""
+        call = _CALL.get()
+        if call is not None:
+            call.settled = False
+        rows = torch.zeros(self.size, len(_COLUMNS), dtype=torch.int64, device=self.device)
+        rows[self.rank, 0] = int(failed)
+        for name, value in mine.items():
+            rows[self.rank, _COLUMNS.index(name)] = value
+        self._collective(lambda: dist.all_reduce(rows, group=self.group))
+        return rows.tolist()
+
+    def exchange(self, **mine: int) -> list[list[int]]:
+        """The status exchange, carrying this rank's ``mine`` (columns of ``_COLUMNS``): every
+        rank's row, in rank order; raises ``RankFailure`` (on every rank) if a rank failed.
+
+        Every status exchange has the same shape, whatever it carries, so a failing rank
+        (``fail``) joins whichever one the others are at.
+        """
+        rows = self._rows(False, mine)
+        failed = [r for r, row in enumerate(rows) if row[0]]
         if failed:
-            flags[self.rank] = 1
-        self._collective(lambda: dist.all_reduce(flags, group=self.group))
-        return [int(r) for r in flags.nonzero().flatten().tolist()]
+            self._report(failed, None)
+        return rows
 
     def gather(self, obj: Any) -> list[Any]:
         """Every rank's ``obj`` (picklable), in rank order (no status exchange)."""
@@ -125,13 +174,12 @@ class Ranks:
 
     def check(self) -> None:
         """The status exchange before a collective: raise ``RankFailure`` if a rank failed."""
-        failed = self._status(False)
-        if failed:
-            self._report(failed, None)
+        self.exchange()
 
     def fail(self, error: BaseException) -> NoReturn:
         """This rank failed with ``error``: tell the others at their next check, and raise."""
-        self._report(self._status(True), error)
+        rows = self._rows(True, {})
+        self._report([r for r, row in enumerate(rows) if row[0]], error)
 
     def _report(self, failed: list[int], error: BaseException | None) -> NoReturn:
         mine = None if error is None else f"{type(error).__name__}: {error}"
@@ -144,11 +192,18 @@ class Ranks:
         ) from error
 
     def any(self, flag: bool) -> bool:
-        """Whether ``flag`` holds on any rank (every rank calls it at the same point)."""
-        self.check()
-        t = torch.tensor([int(flag)], dtype=torch.int32, device=self.device)
-        self._collective(lambda: dist.all_reduce(t, group=self.group))
-        return bool(t.item())
+        """Whether ``flag`` holds on any rank (every rank calls it at the same point).
+
+        The flag rides on a status exchange. Where it holds on no rank, that exchange settles
+        the call: every rank returns right after it (the finite check's vote, the last thing a
+        call does), so ``spanning`` needs no last status exchange.
+        """
+        rows = self.exchange(flag=int(flag))
+        found = any(row[_COLUMNS.index("flag")] for row in rows)
+        call = _CALL.get()
+        if call is not None:
+            call.settled = not found
+        return found
 
     def sum(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """The sum over ranks of each tensor (new tensors; one all-reduce per dtype)."""
@@ -180,19 +235,28 @@ def spanning(group: Any) -> Iterator[None]:
 
     An exception on this rank is announced to the others (``Ranks.fail``) and raised as a
     ``RankFailure`` naming it; after the body, a last status exchange makes a rank whose call
-    succeeded raise if another's failed. Without a group it does nothing.
+    succeeded raise if another's failed, unless the body's last exchange settled the call
+    (``Ranks.any``: no rank failed or flagged, and every rank returns right after it). Without
+    a group it does nothing.
     """
     if group is None:
         yield
         return
-    ranks = Ranks(group)
+    ranks, call = Ranks(group), _Call()
+    token = _CALL.set(call)
     try:
-        yield
-    except RankFailure:
-        raise
-    except Exception as error:
-        ranks.fail(error)
-    ranks.check()
+        try:
+            yield
+        except RankFailure:
+            raise
+        except Exception as error:
+            if call.settled:  # after the call settled (nothing there raises): the others left
+                raise
+            ranks.fail(error)
+        if not call.settled:
+            ranks.check()
+    finally:
+        _CALL.reset(token)
 
 
 class _SumRanks(torch.autograd.Function):
@@ -314,9 +378,27 @@ def same_call(
     ``fingerprint`` names what must agree (K, rounds, the method, the structure of the params
     ...); ``weight`` is this rank's client count, or the sum of its FedAvg weights. Every rank
     takes rank 0's ``seed``, so that random numbers in the outer loss (the same computation on
-    every rank) are the same.
+    every rank) are the same. One status exchange carries each rank's hash of its fingerprint,
+    weight and seed; only where the hashes differ (or a seed is beyond int64) are the
+    fingerprints gathered, to name what differs.
     """
-    ranks.check()
+    fits = -(2**63) <= seed < 2**63
+    hi, lo = fingerprint_hash(fingerprint)
+    rows = ranks.exchange(
+        hash_hi=hi, hash_lo=lo, weight=_float_bits(weight), seed=seed if fits else 0,
+        detail=int(not fits),
+    )  # fmt: skip
+    column = {name: [row[i] for row in rows] for i, name in enumerate(_COLUMNS)}
+    hashes = set(zip(column["hash_hi"], column["hash_lo"]))
+    if len(hashes) == 1 and not any(column["detail"]):
+        return sum(_bits_float(b) for b in column["weight"]), column["seed"][0]
+    return _same_call_gathered(ranks, fingerprint, weight, seed)
+
+
+def _same_call_gathered(
+    ranks: Ranks, fingerprint: dict[str, str], weight: float, seed: int
+) -> tuple[float, int]:
+    """``same_call`` by gathering every rank's fingerprint: names what differs, if anything."""
     everyone = ranks.gather((fingerprint, float(weight), int(seed)))
     differ = []
     for key, mine in fingerprint.items():
@@ -332,6 +414,36 @@ def same_call(
             "the number of clients and their data may differ)."
         )
     return sum(w for _, w, _ in everyone), everyone[0][2]
+
+
+def fingerprint_hash(fingerprint: dict[str, str]) -> tuple[int, int]:
+    """A 128-bit hash of a fingerprint as two int64s, the same in every process.
+
+    Examples:
+        >>> fingerprint_hash({"K": "5"}) == fingerprint_hash({"K": "5"})
+        True
+        >>> fingerprint_hash({"K": "5"}) == fingerprint_hash({"K": "6"})
+        False
+    """
+    digest = hashlib.blake2b(repr(sorted(fingerprint.items())).encode(), digest_size=16).digest()
+    return (
+        int.from_bytes(digest[:8], "little", signed=True),
+        int.from_bytes(digest[8:], "little", signed=True),
+    )
+
+
+def _float_bits(x: float) -> int:
+    """A float64's bits as an int64 (carried exactly through an integer all-reduce).
+
+    Examples:
+        >>> _bits_float(_float_bits(2.5)), _bits_float(_float_bits(0.1)) == 0.1
+        (2.5, True)
+    """
+    return int(struct.unpack("<q", struct.pack("<d", float(x)))[0])
+
+
+def _bits_float(bits: int) -> float:
+    return float(struct.unpack("<d", struct.pack("<q", bits))[0])
 
 
 def describe(tree: PyTree, dims: Any) -> str:

@@ -76,7 +76,8 @@ class Problem:
             (``hypergrad._engine.condition``), which ``hg.Implicit`` differentiates, or ``None``.
         agree: for a problem spread over processes, ``agree(flag)`` tells whether ``flag``
             holds in any of them (every process calls it at the same point); ``None`` for one
-            process. The finite check uses it so that every process replays together.
+            process. The finite check uses it so that every process replays together; where
+            it finds no flag, the processes return right after it (the call's last exchange).
     """
 
     step: StepFn
