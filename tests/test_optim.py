@@ -5,6 +5,7 @@ round trip), plus every error message."""
 from __future__ import annotations
 
 import io
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -195,6 +196,33 @@ def test_donated_steps_write_in_place_bit_for_bit(family, data):
     assert all(s == storages[0] for s in storages)  # the same memory, written over each step
     for k in params:
         assert torch.equal(params[k], before[k])  # the first step's inputs are the caller's
+
+
+def every_option(family):
+    names = list(family.options)
+    for values in itertools.product(*(family.options[n] for n in names)):
+        yield dict(zip(names, values))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64], ids=["f32", "f64"])
+@pytest.mark.parametrize(
+    ("family", "options"),
+    [(f, o) for f in FAMILIES for o in every_option(f)],
+    ids=[f"{f.name}-{'-'.join(k for k, v in o.items() if v) or 'plain'}"
+         for f in FAMILIES for o in every_option(f)],
+)  # fmt: skip
+def test_donated_steps_are_bit_for_bit_with_every_option_and_0d_leaves(family, options, dtype):
+    # 0-d leaves: a 0-d scalar operand would promote their maths to float64 (it did for Adam)
+    hyper = dict(family.hyper)
+    if options.get("nesterov"):
+        hyper["dampening"] = 0.0
+    params = make_params([(3,), (), (2, 3), ()], dtype)
+    grads = grad_stream(params, 5)
+    opt = family.make(**kwargs_of(hyper), **options)
+    want = hg_trajectory(opt, params, grads)
+    got = donated_trajectory(opt, params, grads)[:2]
+    for a, b in zip(hg.tree.leaves(got), hg.tree.leaves(want)):
+        assert torch.equal(a, b)
 
 
 def test_donated_steps_with_tensor_hyperparameters_or_a_graph_stay_out_of_place():

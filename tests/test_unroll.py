@@ -73,6 +73,31 @@ def test_unroll_follows_torch_optim(opt, torch_opt, inner_grad):
     assert type(traj.state).__name__ in ("SGDState", "AdamState")
 
 
+@pytest.mark.parametrize(
+    "opt", [hg.optim.sgd(lr=0.1, momentum=0.9, nesterov=True), hg.optim.adam(lr=0.05, amsgrad=True)]
+)
+def test_unroll_without_a_graph_writes_in_place_and_gives_the_graphs_numbers(opt):
+    # Nothing to record: the steps after the first update the params and the state in place;
+    # with a graph they cannot. Bit for bit the same numbers, and the caller's params and the
+    # state passed in stay as they were.
+    model = mlp()
+    x, y = regression_data(steps=6)
+    params, _ = hg.split(model)
+    state = opt.init(params)
+    kept = copy.deepcopy((params, state))
+    plain = hg.unroll(mse_inner(model), params, opt, (x, y), state=state)
+    graph = hg.unroll(mse_inner(model), {k: v.clone().requires_grad_() for k, v in params.items()},
+                      opt, (x, y), state=state)  # fmt: skip
+    for a, b in zip(hg.tree.leaves((plain.params, plain.state, plain.losses)),
+                    hg.tree.leaves((graph.params, graph.state, graph.losses))):  # fmt: skip
+        assert torch.equal(a, b.detach())
+    assert graph.params["0.weight"].grad_fn is not None
+    # an in-place op bumps the version of the tensor it writes (a fresh result starts at 0)
+    assert plain.params["0.weight"]._version > 0 and graph.params["0.weight"]._version == 0
+    for a, b in zip(hg.tree.leaves((params, state)), hg.tree.leaves(kept)):
+        assert torch.equal(a, b)
+
+
 def test_unroll_is_differentiable_by_autograd_and_func_equals_autograd():
     model = mlp()
     x, y = regression_data()

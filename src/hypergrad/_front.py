@@ -321,6 +321,7 @@ def single_problem(setup: Setup) -> Problem:
             has_buffers=setup.has_buffers,
             batch_at=setup.source.at,
         ),
+        in_place=True,
     )
 
 

@@ -74,6 +74,10 @@ class Problem:
             ``run_steps``), or ``None``: one ``step`` call per step.
         condition: the stationarity condition the trained params satisfy
             (``hypergrad._engine.condition``), which ``hg.Implicit`` differentiates, or ``None``.
+        in_place: whether ``run_steps(donate=True)`` may let a step write into its inputs when
+            they are the previous step's outputs: true for the one-model step, whose inputs
+            are exactly the carry; false (the default) for a step that puts other tensors into
+            its inputs itself (the federated step broadcasts the server at a round's start).
         agree: for a problem spread over processes, ``agree(flag)`` tells whether ``flag``
             holds in any of them (every process calls it at the same point); ``None`` for one
             process. The finite check uses it so that every process replays together; where
@@ -97,6 +101,7 @@ class Problem:
     init: Callable[[PyTree, Mapping[str, Any]], PyTree] | None = None
     multi: Any = None
     condition: Condition | None = None
+    in_place: bool = False
     agree: Callable[[bool], bool] | None = None
 
     def inputs(self) -> dict[str, PyTree]:
@@ -151,14 +156,15 @@ def run_steps(
     random numbers, which need the seed of each step, or the multi-step cannot run here), and
     the loop then runs them through ``Problem.step``. The numbers are the same either way.
 
-    ``donate=True``: the caller keeps no step's carry but the last (plain training), so every
-    step after the first may overwrite its inputs, the previous step's outputs: the optimizer
-    then updates in place where nothing is recorded (``hypergrad.optim._common.donated``).
-    The first step never does: its inputs are the caller's.
+    ``donate=True``: the caller keeps no step's carry but the last (plain training), so, for
+    a problem whose steps allow it (``Problem.in_place``), every step after the first may
+    overwrite its inputs, the previous step's outputs: the optimizer then updates in place
+    where nothing is recorded (``hypergrad.optim._common.donated``). The first step never
+    does: its inputs are the caller's.
     """
     losses: list[torch.Tensor] = []
     params, state, buffers = carry
-    scratch: dict[Any, torch.Tensor] = {}  # the donated steps' reused vectors
+    donate = donate and problem.in_place
     multi, seed, devices = problem.multi, problem.seed, problem.devices
 
     def fetch(k: int) -> Any:
@@ -182,7 +188,7 @@ def run_steps(
                     k += len(chunk)
                     continue
             batch = fetch(k)
-            with donated(scratch) if donate and k > start else contextlib.nullcontext():
+            with donated() if donate and k > start else contextlib.nullcontext():
                 params, state, buffers, loss = problem.step(
                     params, state, buffers, aux, hyperparams, batch
                 )

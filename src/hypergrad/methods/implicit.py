@@ -6,7 +6,7 @@ import functools
 import math
 import warnings
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import optree
 import torch
@@ -340,7 +340,8 @@ def _flat_space(
     sizes = [x.numel() for x in leaves]
 
     def flatten(tree: PyTree) -> torch.Tensor:
-        parts = [x.reshape(-1).to(dtype=dtype, device=device) for x in spec.flatten_up_to(tree)]
+        given = cast(list[torch.Tensor], spec.flatten_up_to(tree))
+        parts = [x.reshape(-1).to(dtype=dtype, device=device) for x in given]
         return torch.cat(parts) if parts else torch.zeros(0, dtype=dtype, device=device)
 
     def unflatten(vector: torch.Tensor) -> PyTree:

@@ -10,8 +10,9 @@ but with ordinary differentiable ops, so it works under ``torch.func.grad``, ``j
 
 A family may also give an in-place form of its maths (``InPlace``), which the engine's plain
 training uses: inside ``donated()`` (the inputs are the caller's to overwrite) and when nothing
-is recorded, ``flat_update`` writes the new values into the flat vectors of the params and the
-state, as torch.optim does, instead of allocating new ones every step.
+is recorded, ``flat_update`` runs it on the leaves with ``torch._foreach_*`` ops, writing into
+the params and the state as torch.optim does, instead of concatenating and allocating new
+vectors every step.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import optree
 import torch
@@ -116,57 +117,68 @@ class Flat(NamedTuple):
 
 
 Math = Callable[[Flat], tuple[torch.Tensor, Buffers]]
-# The same maths written into ``p`` and the buffers of the ``Flat`` (whose vectors the caller
-# owns); returns False, having changed nothing, where it does not apply (a hyperparameter that
-# is a tensor, torch.optim's first-step branch), and the out-of-place maths runs instead.
-InPlace = Callable[[Flat], bool]
+
+
+class Leaves(NamedTuple):
+    """What a family's in-place maths gets: the leaves of the params, grads and buffers."""
+
+    p: list[torch.Tensor]
+    g: list[torch.Tensor]
+    bufs: dict[str, list[torch.Tensor] | None]
+    step: torch.Tensor
+    hp: Mapping[str, Any]
+    options: Mapping[str, Any]
+
+    def grad(self, *, l2: bool = True) -> list[torch.Tensor]:
+        """``Flat.grad`` leaf by leaf (new tensors where it changes them); a number decay only."""
+        g = list(torch._foreach_neg(self.g)) if self.options["maximize"] else self.g
+        wd = self.hp["weight_decay"]
+        return g if not l2 or is_zero(wd) else list(torch._foreach_add(g, self.p, alpha=wd))
+
+
+# The same maths as the family's ``Math``, written into the leaves of ``p`` and of the buffers
+# with the same kernels (so the same numbers, bit for bit), for number hyperparameters; returns
+# False, having changed nothing, where it does not apply (a hyperparameter that is a tensor or a
+# per-parameter dict, torch.optim's first-step branch): the out-of-place maths runs instead.
+InPlace = Callable[[Leaves], bool]
 
 
 # --------------------------------------------------------------------------- donated steps
 
-# Inside ``donated``: the scratch vectors the steps of one loop share (see ``_scratch``).
-_DONATED: contextvars.ContextVar[dict[Any, torch.Tensor] | None] = contextvars.ContextVar(
-    "hypergrad_donated", default=None
-)
+_DONATED: contextvars.ContextVar[bool] = contextvars.ContextVar("hypergrad_donated", default=False)
 
 
 @contextlib.contextmanager
-def donated(scratch: dict[Any, torch.Tensor] | None = None) -> Iterator[None]:
+def donated() -> Iterator[None]:
     """Inside: the params and state given to a family's update are the caller's to overwrite.
 
     The engine enters it for a step whose inputs are the previous step's outputs, held by
     nothing else (plain training without a graph: ``hg.Implicit``'s, ``hg.unroll``'s). A
-    family's update then writes into the flat vectors those params and buffers are views of
-    (see ``flat_update``); the values are the same, bit for bit, as the out-of-place ones.
-    ``scratch``: a dict the steps of one loop share, in which the update keeps the vector it
-    gathers the gradients into, so that no step allocates (and faults in) a new one.
+    family's update then writes into those tensors and returns them (see ``flat_update``);
+    the values are the same, bit for bit, as the out-of-place ones.
     """
-    token = _DONATED.set({} if scratch is None else scratch)
+    token = _DONATED.set(True)
     try:
         yield
     finally:
         _DONATED.reset(token)
 
 
-def _scratch(like: torch.Tensor, numel: int) -> torch.Tensor:
-    """A vector of ``numel`` elements like ``like``'s, kept in the current ``donated`` scratch."""
-    scratch = _DONATED.get()
-    assert scratch is not None
-    key = (numel, like.dtype, like.device)
-    if key not in scratch:
-        scratch[key] = torch.empty(numel, dtype=like.dtype, device=like.device)
-    return scratch[key]
+def numbers(hp: Mapping[str, Any], *names: str) -> bool:
+    """Whether the hyperparameters ``names`` are all Python numbers (what ``InPlace`` takes)."""
+    return all(is_number(hp[name]) for name in names)
 
 
 def _writable(tensors: list[torch.Tensor], hp: Mapping[str, Any]) -> bool:
     """Whether an update may write into its inputs: donated, eager, and nothing recorded."""
     if torch.compiler.is_compiling():  # (and dynamo cannot trace a ContextVar)
         return False
-    if _DONATED.get() is None or in_functorch_transform():
+    if not _DONATED.get() or in_functorch_transform():
         return False
     if not torch.is_grad_enabled():
         return True
-    hp_tensors = [x for x in optree.tree_leaves(dict(hp)) if isinstance(x, torch.Tensor)]
+    hp_leaves: list[Any] = optree.tree_leaves(cast(Any, dict(hp)))
+    hp_tensors = [x for x in hp_leaves if isinstance(x, torch.Tensor)]
     return not any(t.requires_grad for t in (*tensors, *hp_tensors))
 
 
@@ -270,9 +282,8 @@ def flat_update(
     is used as is instead of concatenating the leaves again.
 
     ``in_place``: the family's in-place maths, run instead of ``math`` inside ``donated()``
-    when no autograd graph or torch.func transform records the step: it writes into that flat
-    vector (a fresh concatenation when the leaves are not views of one), which the returned
-    leaves are views of.
+    when no autograd graph or torch.func transform records the step: it writes into the
+    leaves of the params and buffers, and the same trees are returned.
     """
     p_leaves, spec = optree.tree_flatten(params, namespace=_NAMESPACE)
     g_leaves, g_spec = optree.tree_flatten(grads, namespace=_NAMESPACE)
@@ -299,9 +310,13 @@ def flat_update(
             _check_shapes(f"state.{name}", leaves, spec, shapes, fix)
         b_leaves[name] = leaves
     hp = resolve_all(hyperparams, spec, shapes)
-    writable = in_place is not None and _writable(
-        [*p_leaves, *g_leaves, *[b for v in b_leaves.values() if v is not None for b in v]], hp
-    )
+    every = [*p_leaves, *g_leaves, *[b for v in b_leaves.values() if v is not None for b in v]]
+    if (
+        in_place is not None
+        and _writable(every, hp)
+        and in_place(Leaves(p_leaves, g_leaves, b_leaves, step, hp, options))
+    ):
+        return params, dict(buffers)  # written in place
     groups = _layout(spec, p_leaves)
     n = len(p_leaves)
     new_p: list[Any] = [None] * n
@@ -318,14 +333,7 @@ def flat_update(
             for k, v in hp.items()
         }
         bufs = {k: (None if v is None else _cat(v, group)) for k, v in b_leaves.items()}
-        if writable:
-            flat = Flat(p, _cat(g_leaves, group, into_scratch=True), bufs, step, ghp, options)
-            if in_place(flat):  # type: ignore[misc]
-                out_p, out_b = flat.p, flat.bufs
-            else:  # the out-of-place maths gets a gradient vector of its own
-                out_p, out_b = math(flat._replace(g=flat.g.clone()))
-        else:
-            out_p, out_b = math(Flat(p, _cat(g_leaves, group), bufs, step, ghp, options))
+        out_p, out_b = math(Flat(p, _cat(g_leaves, group), bufs, step, ghp, options))
         _scatter(out_p, group, new_p)
         for k, v in out_b.items():
             if v is not None:
@@ -337,11 +345,8 @@ def flat_update(
     return params_out, bufs_out
 
 
-def _cat(leaves: list[torch.Tensor], group: _Group, *, into_scratch: bool = False) -> torch.Tensor:
-    """The leaves of one group as one flat vector (their common base when they are views of it).
-
-    ``into_scratch`` (inside ``donated``): a concatenation goes into the loop's scratch vector.
-    """
+def _cat(leaves: list[torch.Tensor], group: _Group) -> torch.Tensor:
+    """The leaves of one group as one flat vector (their common base when they are views of it)."""
     idx = group.idx
     if len(idx) == 1:
         return leaves[idx[0]].reshape(-1)
@@ -353,9 +358,6 @@ def _cat(leaves: list[torch.Tensor], group: _Group, *, into_scratch: bool = Fals
         base = _flat_base(chosen, group.sizes)
         if base is not None:
             return base
-        if into_scratch:
-            out = _scratch(chosen[0], sum(group.sizes))
-            return torch.cat([t.reshape(-1) for t in chosen], out=out)
         # One C++ call: cat of the flattened leaves, the same differentiable ops as below.
         return torch._utils._flatten_dense_tensors(chosen)
     return torch.cat([t if flat else t.reshape(-1) for t, flat in zip(chosen, group.flat)])

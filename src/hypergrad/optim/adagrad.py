@@ -7,10 +7,17 @@ from typing import Any, NamedTuple
 
 import torch
 
-from hypergrad._boundary import is_number
 from hypergrad.optim._base import Optimizer
-from hypergrad.optim._common import Buffers, Flat, build, register_states, safe_sqrt
-from hypergrad.optim._hyper import Hyper
+from hypergrad.optim._common import (
+    Buffers,
+    Flat,
+    Leaves,
+    build,
+    numbers,
+    register_states,
+    safe_sqrt,
+)
+from hypergrad.optim._hyper import Hyper, host_value
 from hypergrad.tree import PyTree
 
 __all__ = ["AdagradState", "adagrad"]
@@ -44,16 +51,23 @@ def _math(x: Flat) -> tuple[torch.Tensor, Buffers]:
     return x.p + g * (-clr) / std, {"sum": state_sum}
 
 
-def _math_in_place(x: Flat) -> bool:
-    # ``_math`` with number hyperparameters, written into p and the sum (same kernels).
+def _math_in_place(x: Leaves) -> bool:
+    # ``_math`` with number hyperparameters, leaf by leaf with the same kernels.
     hp = x.hp
-    if not all(is_number(hp[k]) for k in ("lr", "lr_decay", "eps")):
+    if host_value(x.step) is None or not numbers(hp, "lr", "lr_decay", "eps", "weight_decay"):
         return False
     g = x.grad()
-    clr = hp["lr"] / (1 + (x.step.to(torch.float64) - 1) * hp["lr_decay"])
-    state_sum = x.bufs["sum"].addcmul_(g, g, value=1)
-    std = torch.sqrt(state_sum).add_(hp["eps"])  # safe_sqrt is sqrt itself here
-    x.p.add_(g * (-clr) / std)
+    # the out-of-place maths' float64 scalar as a Python number (a 0-d tensor would promote a
+    # 0-d leaf's maths to float64, where the flat vector's stays in its dtype)
+    clr = float(hp["lr"] / (1 + (x.step.to(torch.float64) - 1) * hp["lr_decay"]))
+    sums = x.bufs["sum"]
+    assert sums is not None
+    torch._foreach_addcmul_(sums, g, g, value=1)
+    std = torch._foreach_sqrt(sums)  # safe_sqrt is sqrt itself here
+    torch._foreach_add_(std, hp["eps"])
+    update = torch._foreach_mul(g, -clr)
+    torch._foreach_div_(update, std)
+    torch._foreach_add_(x.p, update)
     return True
 
 

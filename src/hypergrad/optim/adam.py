@@ -9,7 +9,16 @@ import torch
 
 from hypergrad._boundary import caller, is_number
 from hypergrad.optim._base import Optimizer
-from hypergrad.optim._common import Buffers, Flat, build, once_per_step, register_states, safe_sqrt
+from hypergrad.optim._common import (
+    Buffers,
+    Flat,
+    Leaves,
+    build,
+    numbers,
+    once_per_step,
+    register_states,
+    safe_sqrt,
+)
 from hypergrad.optim._hyper import Hyper, check_hyperparams, host_value, is_zero
 from hypergrad.tree import PyTree
 
@@ -82,36 +91,45 @@ def _adam_math(x: Flat, *, decoupled: bool) -> tuple[torch.Tensor, Buffers]:
     return new_p, {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq, "max_exp_avg_sq": max_sq}
 
 
-def _adam_in_place(x: Flat, *, decoupled: bool) -> bool:
-    # ``_adam_math``'s eager branch (number hyperparameters, a step counter on the host),
-    # written into p and the buffers with the same kernels, as torch.optim's own step.
-    lr, (beta1, beta2), eps, wd = x.hp["lr"], x.hp["betas"], x.hp["eps"], x.hp["weight_decay"]
+def _adam_in_place(x: Leaves, *, decoupled: bool) -> bool:
+    # ``_adam_math``'s eager branch (number hyperparameters, a step counter on the host) leaf by
+    # leaf, with the same kernels (torch.optim's foreach step).
+    hp = x.hp
     step_value = host_value(x.step)
-    if step_value is None or not all(is_number(v) for v in (lr, beta1, beta2, eps)):
+    if step_value is None or not numbers(hp, "lr", "eps", "weight_decay"):
+        return False
+    lr, (beta1, beta2), eps, wd = hp["lr"], hp["betas"], hp["eps"], hp["weight_decay"]
+    if not (is_number(beta1) and is_number(beta2)):
         return False
     p, g, bufs = x.p, x.grad(l2=not decoupled), x.bufs
     if decoupled and not is_zero(wd):
-        p.mul_(1 - lr * wd)
+        torch._foreach_mul_(p, 1 - lr * wd)
     exp_avg, exp_avg_sq = bufs["exp_avg"], bufs["exp_avg_sq"]
-    exp_avg.lerp_(g, 1 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    assert exp_avg is not None and exp_avg_sq is not None
+    torch._foreach_lerp_(exp_avg, g, 1 - beta1)
+    torch._foreach_mul_(exp_avg_sq, beta2)
+    torch._foreach_addcmul_(exp_avg_sq, g, g, value=1 - beta2)
     second = exp_avg_sq
     if x.options["amsgrad"]:
-        old = bufs["max_exp_avg_sq"]
-        old.copy_(torch.where(exp_avg_sq > old, exp_avg_sq, old))
-        second = old
-    bias_correction2 = 1 - beta2 ** x.step.to(torch.float64)
+        second = bufs["max_exp_avg_sq"]  # type: ignore[assignment]
+        for old, new in zip(second, exp_avg_sq):
+            old.copy_(torch.where(new > old, new, old))
+    # The out-of-place maths' float64 scalar, as a Python number: a 0-d tensor would make a 0-d
+    # leaf compute in float64 (two 0-d operands promote), where the flat vector does not.
+    root = float(torch.sqrt(1 - beta2 ** x.step.to(torch.float64)))
     # safe_sqrt is sqrt itself on these nonnegative values (it only changes the backward)
-    denom = torch.sqrt(second).div_(torch.sqrt(bias_correction2)).add_(eps)
-    p.addcdiv_(exp_avg, denom, value=-(lr / (1 - beta1**step_value)))
+    denom = torch._foreach_sqrt(second)
+    torch._foreach_div_(denom, root)
+    torch._foreach_add_(denom, eps)
+    torch._foreach_addcdiv_(p, exp_avg, denom, value=-(lr / (1 - beta1**step_value)))
     return True
 
 
-def _in_place_l2(x: Flat) -> bool:
+def _in_place_l2(x: Leaves) -> bool:
     return _adam_in_place(x, decoupled=False)
 
 
-def _in_place_decoupled(x: Flat) -> bool:
+def _in_place_decoupled(x: Leaves) -> bool:
     return _adam_in_place(x, decoupled=True)
 
 

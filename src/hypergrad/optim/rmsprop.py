@@ -9,7 +9,16 @@ import torch
 
 from hypergrad._boundary import is_number
 from hypergrad.optim._base import Optimizer
-from hypergrad.optim._common import Buffers, Flat, axpy, build, register_states, safe_sqrt
+from hypergrad.optim._common import (
+    Buffers,
+    Flat,
+    Leaves,
+    axpy,
+    build,
+    numbers,
+    register_states,
+    safe_sqrt,
+)
 from hypergrad.optim._hyper import Hyper, is_zero
 from hypergrad.tree import PyTree
 
@@ -66,26 +75,33 @@ def _math(x: Flat) -> tuple[torch.Tensor, Buffers]:
     return new_p, {"square_avg": square_avg, "momentum_buffer": buf, "grad_avg": grad_avg}
 
 
-def _math_in_place(x: Flat) -> bool:
-    # ``_math`` with number hyperparameters, written into p and the buffers (same kernels).
-    lr, alpha, eps, momentum = x.hp["lr"], x.hp["alpha"], x.hp["eps"], x.hp["momentum"]
-    if not all(is_number(v) for v in (lr, alpha, eps, momentum)):
+def _math_in_place(x: Leaves) -> bool:
+    # ``_math`` with number hyperparameters, leaf by leaf with the same kernels.
+    hp = x.hp
+    if not numbers(hp, "lr", "alpha", "eps", "momentum", "weight_decay"):
         return False
+    lr, alpha, eps = hp["lr"], hp["alpha"], hp["eps"]
     p, g, bufs = x.p, x.grad(), x.bufs
-    square_avg = bufs["square_avg"].mul_(alpha).addcmul_(g, g, value=1 - alpha)
-    if x.options["centered"]:
-        grad_avg = bufs["grad_avg"].lerp_(g, 1 - alpha)
+    square_avg = bufs["square_avg"]
+    assert square_avg is not None
+    torch._foreach_mul_(square_avg, alpha)
+    torch._foreach_addcmul_(square_avg, g, g, value=1 - alpha)
+    grad_avg = bufs["grad_avg"]
+    if grad_avg is not None:  # centered
+        torch._foreach_lerp_(grad_avg, g, 1 - alpha)
         # safe_sqrt is sqrt itself here (it only changes the backward), nan below zero included
-        avg = torch.addcmul(square_avg, grad_avg, grad_avg, value=-1).sqrt_()
+        avg = torch._foreach_addcmul(square_avg, grad_avg, grad_avg, value=-1)
+        torch._foreach_sqrt_(avg)
     else:
-        avg = torch.sqrt(square_avg)
-    avg.add_(eps)
+        avg = torch._foreach_sqrt(square_avg)
+    torch._foreach_add_(avg, eps)
     buf = bufs["momentum_buffer"]
     if buf is not None:
-        buf.mul_(momentum).addcdiv_(g, avg)
-        p.add_(buf, alpha=-lr)
+        torch._foreach_mul_(buf, hp["momentum"])
+        torch._foreach_addcdiv_(buf, g, avg)
+        torch._foreach_add_(p, buf, alpha=-lr)
     else:
-        p.addcdiv_(g, avg, value=-lr)
+        torch._foreach_addcdiv_(p, g, avg, value=-lr)
     return True
 
 

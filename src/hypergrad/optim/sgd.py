@@ -9,7 +9,7 @@ import torch
 
 from hypergrad._boundary import caller, is_number
 from hypergrad.optim._base import Optimizer
-from hypergrad.optim._common import Buffers, Flat, axpy, build, register_states
+from hypergrad.optim._common import Buffers, Flat, Leaves, axpy, build, numbers, register_states
 from hypergrad.optim._hyper import _values, check_hyperparams, host_value, is_zero
 from hypergrad.tree import PyTree
 
@@ -67,21 +67,26 @@ def _math(x: Flat) -> tuple[torch.Tensor, Buffers]:
     return axpy(p, -lr, g), {"momentum_buffer": buf}
 
 
-def _math_in_place(x: Flat) -> bool:
-    # ``_math``'s eager branch, written into p and the buffer (as torch.optim's own step).
+def _math_in_place(x: Leaves) -> bool:
+    # ``_math``'s eager branch leaf by leaf (torch.optim's foreach step).
     hp = x.hp
-    if not all(is_number(hp[k]) for k in ("lr", "momentum", "dampening")):
+    if not numbers(hp, "lr", "momentum", "dampening", "weight_decay"):
         return False
-    buf = x.bufs["momentum_buffer"]
-    if buf is not None:
+    bufs = x.bufs["momentum_buffer"]
+    if bufs is not None:
         step_value = host_value(x.step)
         if step_value is None or step_value <= 1:
             return False
     g = x.grad()
-    if buf is not None:
-        buf.mul_(hp["momentum"]).add_(g, alpha=1 - hp["dampening"])
-        g = torch.add(g, buf, alpha=hp["momentum"]) if x.options["nesterov"] else buf
-    x.p.add_(g, alpha=-hp["lr"])
+    if bufs is not None:
+        torch._foreach_mul_(bufs, hp["momentum"])
+        torch._foreach_add_(bufs, g, alpha=1 - hp["dampening"])
+        g = (
+            list(torch._foreach_add(g, bufs, alpha=hp["momentum"]))
+            if x.options["nesterov"]
+            else bufs
+        )
+    torch._foreach_add_(x.p, g, alpha=-hp["lr"])
     return True
 
 
