@@ -154,8 +154,8 @@ def donated() -> Iterator[None]:
 
     The engine enters it for a step whose inputs are the previous step's outputs, held by
     nothing else (plain training without a graph: ``hg.Implicit``'s, ``hg.unroll``'s). A
-    family's update then writes into those tensors and returns them (see ``flat_update``);
-    the values are the same, bit for bit, as the out-of-place ones.
+    family's update on CPU tensors then writes into those tensors and returns them (see
+    ``flat_update``); the values are the same, bit for bit, as the out-of-place ones.
     """
     token = _DONATED.set(True)
     try:
@@ -174,6 +174,11 @@ def _writable(tensors: list[torch.Tensor], hp: Mapping[str, Any]) -> bool:
     if torch.compiler.is_compiling():  # (and dynamo cannot trace a ContextVar)
         return False
     if not _DONATED.get() or in_functorch_transform():
+        return False
+    # CPU only: there a new vector costs page faults each step, which torch.optim avoids by
+    # writing in place; CUDA's caching allocator reuses memory (and this path's numbers on
+    # CUDA are checked by tests/test_cuda.py only with a tolerance so far).
+    if any(t.device.type != "cpu" for t in tensors):
         return False
     if not torch.is_grad_enabled():
         return True
