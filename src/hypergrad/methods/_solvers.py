@@ -122,23 +122,21 @@ def minres(
     beta1 = float(torch.linalg.vector_norm(b))
     if beta1 == 0.0:
         return Solve(x, 0, 0.0, True)
-    # Lanczos vectors (r1, r2 = y; b itself at the start, never written), the QR
-    # factorisation's last rotation (cs, sn), the two previous search directions (w1, w2) and
-    # the residual norm (phibar).
-    r1 = r2 = y = b
-    beta, old_beta, dbar, epsilon, phibar = beta1, 0.0, 0.0, 0.0, beta1
+    # Normalised Lanczos vectors (v_prev, v; beta is the norm v had before normalising), the QR
+    # factorisation's last rotation (cs, sn), the two previous search directions (w1, w2, two
+    # buffers in turn) and the residual norm (phibar).
+    v_prev, v = None, b / beta1
+    beta, dbar, epsilon, phibar = beta1, 0.0, 0.0, beta1
     cs, sn = -1.0, 0.0
-    w = w2 = torch.zeros_like(b)
+    w, w2 = torch.zeros_like(b), torch.zeros_like(b)
     residual = 1.0
     for it in range(1, maxiter + 1):
-        v = y / beta
-        y = matvec(v)  # a new vector: written in place below
-        if it >= 2:
-            y.add_(r1, alpha=-beta / old_beta)
+        y = matvec(v)  # a new vector: written in place below, then the next v
+        if v_prev is not None:
+            y.add_(v_prev, alpha=-beta)
         alfa = _dot(v, y)
-        y.add_(r2, alpha=-alfa / beta)
-        r1, r2 = r2, y
-        old_beta, beta = beta, float(torch.linalg.vector_norm(y))
+        y.add_(v, alpha=-alfa)
+        beta = float(torch.linalg.vector_norm(y))
         old_epsilon = epsilon
         delta = cs * dbar + sn * alfa
         gbar = sn * dbar - cs * alfa
@@ -147,8 +145,8 @@ def minres(
         cs, sn = gbar / gamma, beta / gamma
         phi, phibar = cs * phibar, sn * phibar
         w1, w2 = w2, w
-        # the new direction (v - old_epsilon w1 - delta w2) / gamma, written over v (used up)
-        w = v.add_(w1, alpha=-old_epsilon).add_(w2, alpha=-delta).div_(gamma)
+        # the new direction (v - old_epsilon w1 - delta w2) / gamma, written over w1 (used up)
+        w = w1.mul_(-old_epsilon).add_(v).add_(w2, alpha=-delta).div_(gamma)
         x.add_(w, alpha=phi)
         residual = phibar / beta1
         if residual <= tol:
@@ -156,6 +154,7 @@ def minres(
         if beta == 0.0:  # the Krylov space is exhausted: x is the least-squares solution
             return Solve(x, it, residual, False, "the system is singular and b is not in the "
                          "range of A")  # fmt: skip
+        v_prev, v = v, y.div_(beta)
     return Solve(x, maxiter, residual, False)
 
 
