@@ -76,7 +76,7 @@ class Forward(Method):
     ``torch.func.vmap`` in chunks of ``chunk_size``. Nothing is stored per step, so memory does
     not grow with K. Random numbers are shared across directions (``randomness="same"``) and
     step ``k`` is seeded with ``seed + k``, as in the other methods; but torch's dropout can draw
-    its mask through another kernel under forward mode (always on CUDA), so the masks can differ
+    its mask through another kernel under forward mode (seen on CUDA), so the masks can differ
     from ``"reverse"``'s at the same seed (see the sharp bits).
 
     Best for a few hyperparameters (a learning rate, per-layer weight decays). The step must be
