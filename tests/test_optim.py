@@ -168,15 +168,17 @@ def test_trajectory_matches_torch_optim(family, data):
 def donated_trajectory(opt, params, grads):
     """``hg_trajectory`` as the engine's plain training runs it: steps after the first donate.
 
-    Also returns, per step after the first, the storage of each leaf of the new params.
+    Also returns, per step after the first, the storage of each leaf of the new params (every
+    step's params are kept alive, so that a freed address cannot be handed out again).
     """
     state = opt.init(params)
     params, state = opt.step(params, grads[0], state)
-    storages = []
+    kept = []
     for g in grads[1:]:
         with donated():
             params, state = opt.step(params, g, state)
-        storages.append([v.untyped_storage().data_ptr() for v in params.values()])
+        kept.append(params)
+    storages = [[v.untyped_storage().data_ptr() for v in p.values()] for p in kept]
     return params, state, storages
 
 
