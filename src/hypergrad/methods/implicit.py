@@ -6,7 +6,7 @@ import functools
 import math
 import warnings
 from collections.abc import Callable
-from typing import Any, NamedTuple, cast
+from typing import Any, NamedTuple
 
 import optree
 import torch
@@ -329,25 +329,22 @@ def _flat_space(
 ) -> tuple[Callable[[PyTree], torch.Tensor], Callable[[torch.Tensor], PyTree]]:
     """``(flatten, unflatten)`` between trees like ``like`` and one 1-d vector the solvers use.
 
-    The vector has the promoted dtype of the leaves and the first leaf's device; ``flatten``
-    returns a new vector, ``unflatten`` views of it (copies for a leaf of another dtype or
-    device). Every leaf is a floating-point tensor (the params' gradient).
+    ``hg.tree.ravel`` of the tree cast to the leaves' promoted dtype (on the first leaf's
+    device); ``unflatten`` casts each leaf back. Every leaf is a floating-point tensor (the
+    params' gradient).
     """
-    leaves, spec = optree.tree_flatten(like, namespace=_tree._NAMESPACE)
+    leaves = _tree.leaves(like)
     dtypes = [x.dtype for x in leaves]
     dtype = functools.reduce(torch.promote_types, dtypes) if leaves else torch.get_default_dtype()
     device = leaves[0].device if leaves else torch.device("cpu")
-    sizes = [x.numel() for x in leaves]
 
     def flatten(tree: PyTree) -> torch.Tensor:
-        given = cast(list[torch.Tensor], spec.flatten_up_to(tree))
-        parts = [x.reshape(-1).to(dtype=dtype, device=device) for x in given]
-        return torch.cat(parts) if parts else torch.zeros(0, dtype=dtype, device=device)
+        return _tree.ravel(_tree.map(lambda x: x.to(dtype=dtype, device=device), tree))[0]
+
+    _, unravel = _tree.ravel(_tree.map(lambda x: x.to(dtype=dtype, device=device), like))
 
     def unflatten(vector: torch.Tensor) -> PyTree:
-        pieces = vector.split(sizes)
-        out = [p.view(x.shape).to(dtype=x.dtype, device=x.device) for p, x in zip(pieces, leaves)]
-        return optree.tree_unflatten(spec, out)
+        return _tree.map(lambda v, x: v.to(dtype=x.dtype, device=x.device), unravel(vector), like)
 
     return flatten, unflatten
 
