@@ -66,6 +66,11 @@ def outer(server, aux, val):
     return ((x @ server["w"] + server["b"] - y) ** 2).mean() + 0.01 * (aux["v"] ** 2).sum()
 
 
+def noisy(server, aux, val):
+    """``outer`` times a random factor: the outer loss draws from the seed every rank takes."""
+    return outer(server, aux, val) * (1 + 0.1 * torch.rand((), dtype=torch.float64))
+
+
 def mine(tree, rows: slice, stacked: bool = True):
     return hg.tree.map(lambda x: x[rows], tree) if stacked else tree
 
@@ -288,9 +293,6 @@ class Checks:
     def random_outer_loss(self):  # every rank takes rank 0's seed: one outer computation
         from hypergrad._engine.randomness import draw_seed
 
-        def noisy(server, aux, val):
-            return outer(server, aux, val) * (1 + 0.1 * torch.rand((), dtype=torch.float64))
-
         a, opt = self.all, hg.optim.sgd(lr=0.1)
         torch.manual_seed(100)
         seed = draw_seed()  # what rank 0 draws below
@@ -321,9 +323,6 @@ class Checks:
         close(ours.aux, one.aux, "aux")
 
     def seed_beyond_int64(self):  # too big for the status row: the fingerprints are gathered
-        def noisy(server, aux, val):
-            return outer(server, aux, val) * (1 + 0.1 * torch.rand((), dtype=torch.float64))
-
         a, opt, seed = self.all, hg.optim.sgd(lr=0.1), 2**63 + 5
         kw = dict(aux=a["aux"], rounds=R)
         one = hg.clients.hypergrad(
