@@ -3,10 +3,12 @@
 #
 #   OUT=/some/dir bash benchmarks/gpu.sh        # default OUT: benchmarks/results/gpu
 #
-# Writes under $OUT (four files):
+# Writes under $OUT (six files):
 #   cuda-tests.log     pytest tests/test_cuda.py tests/test_compile.py -k cuda (-rs: skips shown)
 #   gpu.json           benchmarks/gpu.py: unroll time, Checkpointed memory, clients vs a loop
 #   compile-cuda.json  benchmarks/compile.py --devices cuda --quick
+#   memory-cuda.json   benchmarks/memory.py --device cuda: peak memory of the methods vs plain
+#   memory-cuda.png    the same, log-log against K
 #   gpu.log            everything printed, with each part's time and the total
 #
 # Needs: a CUDA build of torch, and numpy, pytest, hypothesis and optree (plus optree's own
@@ -17,7 +19,7 @@
 # optree==0.20.0, then name .whl in the device call's carry); they are installed from there into
 # a temporary folder. A missing package or GPU stops the script at once with a message.
 #
-# Every part runs under `timeout`, within a total budget (GPU_BUDGET_S, default 450 s): a part
+# Every part runs under `timeout`, within a total budget (GPU_BUDGET_S, default 600 s): a part
 # that would not fit is skipped and said so, so one stuck part cannot eat the session.
 #
 # HYPERGRAD_GPU_SH_CPU=1 rehearses the script on a machine without a GPU: the tests run on the
@@ -30,7 +32,7 @@ OUT="${OUT:-benchmarks/results/gpu}"
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
 PY="${PYTHON:-python3}"
-BUDGET_S="${GPU_BUDGET_S:-450}"
+BUDGET_S="${GPU_BUDGET_S:-600}"
 REHEARSAL="${HYPERGRAD_GPU_SH_CPU:-0}"
 T0=$SECONDS
 
@@ -161,6 +163,14 @@ if [[ "$REHEARSAL" == 1 ]]; then
     gpu_args+=(--quick)
 fi
 part "gpu.py" 240 "" "$PY" benchmarks/gpu.py "${gpu_args[@]}"
+
+# 4. Peak memory of hg.Checkpointed(slots=4) (and micro-batches) against plain training on a
+#    3.3M- and a 106M-parameter GPT-like model (torch.cuda.max_memory_allocated).
+memory_args=(--device "$DEVICE" --results "$OUT")
+if [[ "$REHEARSAL" == 1 ]]; then
+    memory_args=(--device cpu --quick --results "$OUT")
+fi
+part "memory.py" 180 "" "$PY" benchmarks/memory.py "${memory_args[@]}"
 
 # --------------------------------------------------------------------------- summary
 echo

@@ -101,19 +101,19 @@ def test_property_slots_equal_reverse(problem, slots):
     assert_same(hg.hypergrad(**kwargs, method=hg.Checkpointed(slots=slots)), ref)
 
 
-def domain_problem(opt, steps=5, batch=6, *, norm=None, dropout=0.0):
+def domain_problem(opt, steps=5, batch=6, *, norm=None, dropout=0.0, device="cpu"):
     """One weight per data domain (aux), per-example losses averaged: a mean over the batch."""
     torch.manual_seed(0)
     layers = [nn.Linear(3, 5)]
     if norm is not None:
         layers.append(norm)
     layers += [nn.Tanh(), nn.Dropout(dropout), nn.Linear(5, 1)]
-    model = nn.Sequential(*layers).double()
+    model = nn.Sequential(*layers).double().to(device)
     params, buffers = hg.split(model)
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(steps, batch, 3, generator=g, dtype=torch.float64)
-    y = torch.randn(steps, batch, 1, generator=g, dtype=torch.float64)
-    domain = torch.randint(0, 3, (steps, batch), generator=g)
+    x = torch.randn(steps, batch, 3, generator=g, dtype=torch.float64).to(device)
+    y = torch.randn(steps, batch, 1, generator=g, dtype=torch.float64).to(device)
+    domain = torch.randint(0, 3, (steps, batch), generator=g).to(device)
 
     def per_example(p, xb, yb, bufs):
         if bufs is None:
@@ -130,8 +130,8 @@ def domain_problem(opt, steps=5, batch=6, *, norm=None, dropout=0.0):
     def outer(p, a, b, bufs=None):
         return per_example(p, b[0], b[1], bufs)[0].mean()
 
-    aux = {"w": torch.tensor([0.5, 1.0, 1.5], dtype=torch.float64),
-           "l2": torch.tensor(0.01, dtype=torch.float64)}  # fmt: skip
+    aux = {"w": torch.tensor([0.5, 1.0, 1.5], dtype=torch.float64, device=device),
+           "l2": torch.tensor(0.01, dtype=torch.float64, device=device)}  # fmt: skip
     return {"outer_loss": outer, "inner_loss": inner, "params": params, "opt": opt,
             "batches": (x, y, domain), "outer_batch": (x[0], y[0]), "aux": aux,
             "buffers": buffers if norm is not None else None, "seed": 0}  # fmt: skip

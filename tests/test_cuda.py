@@ -24,6 +24,7 @@ import pytest
 import torch
 
 import hypergrad as hg
+import test_checkpointing as tckpt
 import test_clients as tclients
 import test_compile as tcompile
 import test_implicit as timplicit
@@ -46,7 +47,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 SGD, ADAM = tcompile.OPTIMIZERS["sgd"], tcompile.OPTIMIZERS["adam"]
-EXACT = {"reverse", "checkpointed", "forward"}  # Truncated(2) < K = 3 and first_order are biased
+EXACT = {"reverse", "checkpointed", "slots", "forward"}  # Truncated(2) < K = 3 and first_order are biased
 
 
 def to_device(tree, device=DEVICE):
@@ -118,7 +119,11 @@ def test_dropout_with_a_fixed_seed_repeats_on_device_and_leaves_its_generator_al
         assert not torch.allclose(other.aux, first.aux)
 
 
-@pytest.mark.parametrize("method", [hg.Checkpointed(1), hg.Checkpointed(2)], ids=["ckpt1", "ckpt2"])
+@pytest.mark.parametrize(
+    "method",
+    [hg.Checkpointed(1), hg.Checkpointed(2), hg.Checkpointed(slots=2)],
+    ids=["ckpt1", "ckpt2", "slots2"],
+)
 def test_recomputing_methods_see_the_same_dropout_masks_on_device(method):
     want = hg.hypergrad(**dropout_problem(), opt=ADAM, wrt=("aux", "lr"))
     got = hg.hypergrad(**dropout_problem(), opt=ADAM, wrt=("aux", "lr"), method=method)
@@ -357,3 +362,12 @@ def test_compiled_clients_on_device_equal_eager_without_a_fallback():
         compiled = hg.clients.hypergrad(**kwargs, compile=True)
     assert on_device(compiled)
     tcompile.assert_close(compiled, eager, F64)
+
+
+def test_slots_and_micro_batches_equal_reverse_on_device():
+    problem = tckpt.domain_problem(hg.optim.adamw(lr=0.02, weight_decay=0.1), device=DEVICE)
+    ref = hg.hypergrad(**problem, method="reverse", wrt=("aux", "lr"))
+    for method in (hg.Checkpointed(slots=3), hg.Checkpointed(slots=3, micro_batches=3)):
+        got = hg.hypergrad(**problem, method=method, wrt=("aux", "lr"))
+        assert got.aux["w"].device.type == DEVICE
+        tcompile.assert_close(got, ref, F64)

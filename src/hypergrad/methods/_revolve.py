@@ -145,6 +145,10 @@ class CheckpointCost(NamedTuple):
         seconds: predicted time, ``forward_runs * step_seconds + K * backward_seconds``.
         peak_bytes: predicted peak, ``(c + 2) * carry_bytes + backward_bytes`` (the stored
             carries, the working carry and the cotangent, one step's backward).
+
+    Examples:
+        >>> hg.checkpoint_cost(16, 4, carry_bytes=100, backward_bytes=1000)
+        CheckpointCost(slots=4, forward_runs=30, sweeps=1.875, seconds=78.0, peak_bytes=1600)
     """
 
     slots: int
