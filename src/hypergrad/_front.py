@@ -88,6 +88,11 @@ class Hypergradient(NamedTuple):
         solver: with [`hg.Implicit`][hypergrad.Implicit], an
             [`ImplicitReport`][hypergrad.ImplicitReport] (the linear solver's iterations,
             residual and convergence, and how stationary the trained params are); else ``None``.
+        trajectory: the [`Trajectory`][hypergrad.trajectory.Trajectory] of the K steps (the
+            params, optimizer state and buffers after the last step, detached, and the inner
+            losses), equal to [`hg.unroll`][hypergrad.unroll]'s: continue training from it
+            without a second unroll. With clients, the clients' stacked values after the last
+            local step, as [`hg.clients.unroll`][hypergrad.clients.unroll] returns them.
 
     Examples:
         >>> inner = lambda p, a, x: ((p["w"] - a * x) ** 2).sum()
@@ -96,6 +101,8 @@ class Hypergradient(NamedTuple):
         ...                  torch.ones(3, 1), None, aux=torch.tensor(0.5), wrt=("aux", "lr"))
         >>> g.aux.shape, sorted(g.hyperparams), g.params is None
         (torch.Size([]), ['lr'], True)
+        >>> g.trajectory.params["w"], g.trajectory.losses.shape  # the params after the 3 steps
+        (tensor([0.7560]), torch.Size([3]))
     """
 
     value: torch.Tensor
@@ -103,6 +110,7 @@ class Hypergradient(NamedTuple):
     hyperparams: dict[str, Any] | None
     params: PyTree
     solver: ImplicitReport | None = None
+    trajectory: Trajectory | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -381,12 +389,15 @@ def differentiate(setup: Setup, problem: Problem, runner: Runner | None = None) 
             if bad:
                 raise_nonfinite(problem, result.value, result.grads)
             locate_nonfinite(problem)  # another process's: replay in step with it
+    carry = result.carry
+    assert carry is not None, f"{how!r} returned no final carry"
     return Hypergradient(
         result.value,
         result.grads.get("aux"),
         result.grads.get("hyperparams"),
         result.grads.get("params"),
         result.report,
+        Trajectory(carry.params, carry.state, carry.buffers, result.losses),
     )
 
 

@@ -140,7 +140,7 @@ class Checkpointed(Method):
             acc = [_add(a, g) for a, g in zip(acc, grads[len(c_leaves) :])]
             positions = positions_in
             i -= 1
-        return finish(inputs, acc, value, losses)
+        return finish(inputs, acc, value, losses, carry)  # carry: the first pass's last
 
     def __repr__(self) -> str:
         return f"hg.Checkpointed({self.segment})"

@@ -522,7 +522,9 @@ def check_hypergrad(
             method=method, wrt=wrt, **common,
         )  # fmt: skip
         asked = {
-            k: v for k, v in g._asdict().items() if k not in ("value", "solver") and v is not None
+            k: v
+            for k, v in g._asdict().items()
+            if k not in ("value", "solver", "trajectory") and v is not None
         }
 
         # attention's kernel as in the method's steps: the same dropout masks (_engine.kernels)

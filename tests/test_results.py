@@ -1,0 +1,134 @@
+"""What ``hg.hypergrad`` returns besides the gradient: the trajectory of the K steps.
+
+Every method computes the final carry on its way; ``Hypergradient.trajectory`` reports it, and
+it equals ``hg.unroll``'s (1e-12, float64) for every method, with buffers, with clients and
+chunks of clients.
+"""
+
+from __future__ import annotations
+
+import optree
+import pytest
+import torch
+from torch import nn
+
+import hypergrad as hg
+
+K = 4
+METHODS = [
+    pytest.param("reverse", id="reverse"),
+    pytest.param(hg.Truncated(2), id="truncated"),
+    pytest.param(hg.Checkpointed(1), id="checkpointed-1"),
+    pytest.param(hg.Checkpointed(3), id="checkpointed-3"),
+    pytest.param("first_order", id="first_order"),
+    pytest.param("forward", id="forward"),
+    pytest.param(hg.Forward(chunk_size=2), id="forward-chunked"),
+    pytest.param(hg.Implicit(damping=10.0, stationarity=float("inf")), id="implicit"),
+]
+
+
+def assert_same(got: hg.Trajectory, want: hg.Trajectory) -> None:
+    a, b = hg.tree.leaves(tuple(got)), hg.tree.leaves(tuple(want))
+    assert len(a) == len(b) > 0
+    for x, y in zip(a, b):
+        assert not x.requires_grad
+        torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-12)
+    assert optree.tree_structure(tuple(got)) == optree.tree_structure(tuple(want))
+
+
+def mlp_problem(opt):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(K, 6, 3, generator=g, dtype=torch.float64)
+    y = torch.randn(K, 6, generator=g, dtype=torch.float64)
+    params = {"w": torch.randn(3, 4, generator=g, dtype=torch.float64) * 0.5,
+              "v": torch.randn(4, generator=g, dtype=torch.float64) * 0.5}  # fmt: skip
+
+    def inner(p, a, batch):
+        err = (torch.tanh(batch[0] @ p["w"]) @ p["v"] - batch[1]) ** 2
+        return (a * err).mean() + 0.01 * (p["w"] ** 2).sum()
+
+    def outer(p, a, batch):
+        return ((torch.tanh(batch[0] @ p["w"]) @ p["v"] - batch[1]) ** 2).mean()
+
+    aux = torch.rand(6, generator=g, dtype=torch.float64) + 0.5
+    return {"outer_loss": outer, "inner_loss": inner, "params": params, "opt": opt,
+            "batches": (x, y), "outer_batch": (x[0], y[0]), "aux": aux, "seed": 3}  # fmt: skip
+
+
+def unrolled(problem, **changes):
+    p = {**problem, **changes}
+    return hg.unroll(p["inner_loss"], p["params"], p["opt"], p["batches"], aux=p["aux"],
+                     seed=p["seed"], **{k: p[k] for k in ("buffers", "hyperparams") if k in p})  # fmt: skip
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize(
+    "opt",
+    [hg.optim.sgd(lr=0.1, momentum=0.8, weight_decay=0.01), hg.optim.adam(lr=0.02, eps=1e-3)],
+    ids=["sgd", "adam"],
+)
+def test_trajectory_equals_unroll(method, opt):
+    problem = mlp_problem(opt)
+    wrt = {"implicit": ("aux", "weight_decay"), "first_order": ("lr",)}.get(
+        getattr(method, "name", method), ("aux", "lr")
+    )
+    g = hg.hypergrad(**problem, method=method, wrt=wrt)
+    assert_same(g.trajectory, unrolled(problem))
+    assert g.trajectory.losses.shape == (K,)
+
+
+def test_trajectory_with_tensor_hyperparams_and_params_asked():
+    problem = mlp_problem(hg.optim.adam(lr=0.02))
+    lr = torch.tensor(0.05, dtype=torch.float64)
+    for method in ["reverse", hg.Checkpointed(2), "forward"]:
+        g = hg.hypergrad(**problem, method=method, wrt=("params", "lr"), hyperparams={"lr": lr})
+        assert_same(g.trajectory, unrolled(problem, hyperparams={"lr": lr}))
+
+
+def test_trajectory_carries_the_buffers():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 1)).double()
+    params, buffers = hg.split(model)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(K, 8, 3, generator=g, dtype=torch.float64)
+    y = torch.randn(K, 8, 1, generator=g, dtype=torch.float64)
+
+    def inner(p, a, batch, bufs):
+        out, new = hg.call(model, p, batch[0], buffers=bufs, return_buffers=True)
+        return ((out - batch[1]) ** 2).mean() + a * (p["3.weight"] ** 2).sum(), new
+
+    def outer(p, a, batch, bufs):
+        return ((hg.call(model, p, batch[0], buffers=bufs) - batch[1]) ** 2).mean()
+
+    problem = {"outer_loss": outer, "inner_loss": inner, "params": params, "seed": 1,
+               "opt": hg.optim.adam(lr=0.05, eps=1e-3), "batches": (x, y),
+               "outer_batch": (x[0], y[0]), "aux": torch.tensor(0.1, dtype=torch.float64),
+               "buffers": buffers}  # fmt: skip
+    want = unrolled(problem)
+    assert not torch.equal(want.buffers["1.running_mean"], buffers["1.running_mean"])
+    for method in ["reverse", hg.Checkpointed(2), "forward", hg.Truncated(1)]:
+        assert_same(hg.hypergrad(**problem, method=method).trajectory, want)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 2], ids=["vmap", "chunks"])
+@pytest.mark.parametrize("method", ["reverse", hg.Checkpointed(2), "forward"])
+def test_trajectory_with_clients_equals_clients_unroll(method, chunk_size):
+    g = torch.Generator().manual_seed(5)
+    C, R = 3, 2
+    params = {"w": torch.randn(C, 2, generator=g, dtype=torch.float64)}
+    data = torch.randn(R * K, C, 2, generator=g, dtype=torch.float64)
+
+    def inner(p, a, x):
+        return ((p["w"] - a * x) ** 2).sum()
+
+    def outer(server, a, t):
+        return ((server["w"] - t) ** 2).sum()
+
+    opt = hg.optim.adam(lr=0.1)
+    aux = torch.tensor(0.7, dtype=torch.float64)
+    options = {"rounds": R, "chunk_size": chunk_size, "steps": K, "aux": aux, "seed": 0}
+    want = hg.clients.unroll(inner, params, opt, data, **options)
+    got = hg.clients.hypergrad(outer, inner, params, opt, data, torch.ones(2, dtype=torch.float64),
+                               method=method, **options)  # fmt: skip
+    assert got.trajectory.losses.shape == (R * K, C)
+    assert_same(got.trajectory, want)
