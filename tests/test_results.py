@@ -132,3 +132,53 @@ def test_trajectory_with_clients_equals_clients_unroll(method, chunk_size):
                                method=method, **options)  # fmt: skip
     assert got.trajectory.losses.shape == (R * K, C)
     assert_same(got.trajectory, want)
+
+
+# ------------------------------------------------------------------ batches=None
+
+
+def distillation_problem():
+    """Learned data in aux, no batches: the inner loss fits a line to ``aux``'s points."""
+    g = torch.Generator().manual_seed(2)
+    aux = {"x": torch.randn(5, 2, generator=g, dtype=torch.float64),
+           "y": torch.randn(5, generator=g, dtype=torch.float64)}  # fmt: skip
+    seen = []
+
+    def inner(p, a, batch):
+        seen.append(batch)
+        return ((a["x"] @ p["w"] - a["y"]) ** 2).mean()
+
+    def outer(p, a, real):
+        return ((real[0] @ p["w"] - real[1]) ** 2).mean()
+
+    real = (torch.randn(20, 2, generator=g, dtype=torch.float64),
+            torch.randn(20, generator=g, dtype=torch.float64))  # fmt: skip
+    params = {"w": torch.zeros(2, dtype=torch.float64)}
+    return inner, outer, params, aux, real, seen
+
+
+def test_batches_none_passes_none_to_the_inner_loss():
+    inner, outer, params, aux, real, seen = distillation_problem()
+    opt = hg.optim.sgd(lr=0.3)
+    traj = hg.unroll(inner, params, opt, None, steps=3, aux=aux)
+    assert traj.losses.shape == (3,) and seen == [None] * 3
+    want = hg.unroll(inner, params, opt, lambda k: None, steps=3, aux=aux)
+    assert_same(traj, want)
+    for method in ["reverse", hg.Checkpointed(2), "forward"]:
+        g = hg.hypergrad(outer, inner, params, opt, None, real, steps=3, aux=aux, method=method)
+        assert_same(g.trajectory, traj)
+    hg.testing.check_hypergrad(outer, inner, params, opt, None, real, steps=3, aux=aux)
+
+
+def test_batches_none_with_clients():
+    inner, outer, params, aux, real, _ = distillation_problem()
+    stacked = {"w": torch.stack([params["w"], params["w"] + 1, params["w"] - 1])}
+    opt = hg.optim.sgd(lr=0.3)
+    options = {"steps": 2, "rounds": 2, "aux": aux, "seed": 0}
+    traj = hg.clients.unroll(inner, stacked, opt, None, **options)
+    assert traj.losses.shape == (4, 3)
+    g = hg.clients.hypergrad(outer, inner, stacked, opt, None, real, **options)
+    assert_same(g.trajectory, traj)
+    # the clients average to one model: the hypergradient of a single model from their mean
+    ref = hg.hypergrad(outer, inner, params, opt, None, real, steps=4, aux=aux)
+    torch.testing.assert_close(g.aux, ref.aux, rtol=1e-10, atol=1e-12)

@@ -63,7 +63,9 @@ def hypergrad(
             as ``inner_loss(params, aux, batch, buffers)`` and returns ``(loss, new_buffers)``.
         params: the initial parameters.
         opt: the functional optimizer.
-        batches: the inner batches (as [`hg.unroll`][hypergrad.unroll]).
+        batches: the inner batches (as [`hg.unroll`][hypergrad.unroll]); ``None`` with
+            ``steps=K`` when the inner loss needs none (its batch is ``None``: the data lives
+            in ``aux``, as in dataset distillation).
         outer_batch: passed unchanged to ``outer_loss``.
         aux: the auxiliary pytree (floating-point tensors when differentiated).
         method: one of the methods above.

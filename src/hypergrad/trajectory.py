@@ -49,7 +49,9 @@ def unroll(
         params: the initial parameters (a pytree, e.g. from ``hg.split(model)``).
         opt: a functional optimizer, e.g. ``hg.optim.sgd(lr=0.1)``.
         batches: a tensor / tuple / dict of tensors with a leading step dimension, an iterable
-            of batches (consumed lazily), or a function ``batch_fn(k)``.
+            of batches (consumed lazily), a function ``batch_fn(k)``, or ``None`` with
+            ``steps=K``: ``inner_loss`` then receives ``None`` as its batch at every step (the
+            data lives in ``aux``, as in dataset distillation).
         aux: a pytree passed unchanged to ``inner_loss`` at every step.
         state: the initial optimizer state; default ``opt.init(params, hyperparams=...)``.
         buffers: the initial buffers; ``None`` when nothing is carried. torch updates
