@@ -29,7 +29,17 @@ from hypergrad._engine.checks import check_float, check_inner_grad, check_opt, c
 from hypergrad._engine.compile import Compile, check_compile
 from hypergrad._engine.condition import make_condition
 from hypergrad._engine.diagnosis import all_finite, locate_nonfinite, raise_nonfinite
-from hypergrad._engine.hyper import parse_wrt, to_tensor
+from hypergrad._engine.condition import entering
+from hypergrad._engine.hyper import (
+    GROUPS,
+    Computed,
+    chain,
+    check_tensor_ranges,
+    compute,
+    detached_values,
+    parse_wrt,
+    to_tensor,
+)
 from hypergrad._engine.kernels import explain_missing_rule
 from hypergrad._engine.problem import Problem, outer_fn, run_steps
 from hypergrad._engine.randomness import draw_seed, rng_devices
@@ -120,6 +130,9 @@ class Setup:
     ``hyperparams`` holds every hyperparameter (the optimizer's, with the call's replacements),
     those named by ``wrt`` as tensors; ``outer`` is ``outer(params, buffers, aux)`` with the
     outer batch bound (``None`` for an unroll); ``method`` is ``None`` for an unroll.
+    ``computed``: the hyperparameters ``hyperparams=fn`` computed from aux whose gradient the
+    finish chains into aux's (they are among ``hyper_names``), or ``None``; ``report``: the
+    hyperparameter names ``wrt`` asked for, whose gradients the result reports.
     """
 
     inner_loss: Callable[..., Any]
@@ -140,6 +153,8 @@ class Setup:
     hyper_names: tuple[str, ...] = ()
     outer: Callable[[PyTree, PyTree, PyTree], torch.Tensor] | None = None
     clients: Clients | None = None
+    computed: Computed | None = None
+    report: tuple[str, ...] = ()
 
     @property
     def has_buffers(self) -> bool:
@@ -182,7 +197,7 @@ def set_up(
     aux: PyTree,
     state: PyTree,
     buffers: PyTree,
-    hyperparams: Mapping[str, Any] | None,
+    hyperparams: Mapping[str, Any] | Callable[[PyTree], Mapping[str, Any]] | None,
     seed: int | None,
     inner_grad: str,
     compile: bool | str | Compile,
@@ -210,9 +225,19 @@ def set_up(
             f"{type(clients).__name__}. Pass e.g. clients=hg.Clients(rounds=3)."
         )
     source = Batches(batches, steps if clients is None else clients.total_steps(steps))
+    computed = None
+    if callable(hyperparams):  # fn(aux) -> dict: on copies, as the losses see aux
+        computed = compute(hyperparams, copied(aux), opt, fresh=how is not None)
+        hyperparams = computed.values if how is None else detached_values(computed.values)
     hp: dict[str, Any] = dict(opt.merged(hyperparams))  # checked as the optimizer checks them
+    check_tensor_ranges(opt, hyperparams)
     _check_seed(seed)
     targets, names = ((), ()) if how is None else parse_wrt(wrt, aux, hp, opt)
+    report = names
+    if how is not None and computed is not None and "aux" in targets:
+        targets, names, computed = _chained(how, opt, targets, names, computed)
+    else:
+        computed = None
     first = _tree.leaves(params)[0]  # check_params: a non-empty tree of floating-point tensors
     for name in names:
         hp[name] = to_tensor(hp[name], first.dtype, first.device)
@@ -240,6 +265,8 @@ def set_up(
         targets=targets,
         hyper_names=names,
         clients=clients,
+        computed=computed,
+        report=report,
     )
     if outer_loss is None:
         return setup
@@ -247,6 +274,22 @@ def set_up(
         outer_loss, outer_batch, buffers is not None, math_attention=setup.math_attention
     )
     return dataclasses.replace(setup, outer=outer)
+
+
+def _chained(
+    how: Method, opt: Optimizer, targets: tuple[str, ...], names: tuple[str, ...], c: Computed
+) -> tuple[tuple[str, ...], tuple[str, ...], Computed | None]:
+    """Add the hyperparameters computed from aux to what the method differentiates.
+
+    A method that differentiates only the fixed point (``hg.Implicit``) gets those that move
+    it; the others have no effect there.
+    """
+    moving = c.names if not how.fixed_point else tuple(n for n in c.names if n in entering(opt))
+    if not moving:
+        return targets, names, None
+    c = c._replace(names=moving)
+    more = tuple(dict.fromkeys(names + moving))
+    return tuple(g for g in GROUPS if g in targets or g == "hyperparams"), more, c
 
 
 def _check_seed(seed: Any) -> None:
@@ -381,21 +424,24 @@ def differentiate(setup: Setup, problem: Problem, runner: Runner | None = None) 
             raise explained from error
     setup.source.verify()  # the last batch handed out: unchanged (see Batches.at)
     # Before the finite check: over processes, its vote is the call's last exchange.
-    _warn_unused(result.unused, how)
+    grads, unused = result.grads, result.unused
+    if setup.computed is not None:  # hyperparams=fn(aux): their gradient flows on into aux
+        grads, unused = chain(setup.computed, grads, unused, setup.report)
+    _warn_unused(unused, how)
     if setup.check_finite:
-        grads = [g for g in _tree.leaves(result.grads) if isinstance(g, torch.Tensor)]
-        bad = not all_finite(result.value, result.losses, *grads)
+        leaves = [g for g in _tree.leaves(grads) if isinstance(g, torch.Tensor)]
+        bad = not all_finite(result.value, result.losses, *leaves)
         if _anywhere(problem, bad):
             if bad:
-                raise_nonfinite(problem, result.value, result.grads)
+                raise_nonfinite(problem, result.value, grads)
             locate_nonfinite(problem)  # another process's: replay in step with it
     carry = result.carry
     assert carry is not None, f"{how!r} returned no final carry"
     return Hypergradient(
         result.value,
-        result.grads.get("aux"),
-        result.grads.get("hyperparams"),
-        result.grads.get("params"),
+        grads.get("aux"),
+        grads.get("hyperparams"),
+        grads.get("params"),
         result.report,
         Trajectory(carry.params, carry.state, carry.buffers, result.losses),
     )

@@ -148,6 +148,9 @@ class Method:
     #: Reverse mode: the method backpropagates a scalar through the steps, so it can also
     #: differentiate a range of steps given the cotangent of their end (client chunks do).
     reverse_mode: ClassVar[bool] = False
+    #: It differentiates only where training ends (a fixed point, ``hg.Implicit``): the
+    #: hyperparameters that do not move the fixed point have no effect there.
+    fixed_point: ClassVar[bool] = False
     #: The clients transform can spread it over processes (``process_group=``).
     spans_processes: ClassVar[bool] = True
 

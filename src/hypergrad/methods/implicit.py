@@ -165,6 +165,7 @@ class Implicit(Method):
     """
 
     name = "implicit"
+    fixed_point = True
     spans_processes = False  # each rank would solve for its own clients only: not yet exact
 
     def __init__(
