@@ -27,9 +27,8 @@ from hypergrad._boundary import caller
 from hypergrad._engine.batches import Batches, copied
 from hypergrad._engine.checks import check_float, check_inner_grad, check_opt, check_params
 from hypergrad._engine.compile import Compile, check_compile
-from hypergrad._engine.condition import make_condition
+from hypergrad._engine.condition import entering, make_condition
 from hypergrad._engine.diagnosis import all_finite, locate_nonfinite, raise_nonfinite
-from hypergrad._engine.condition import entering
 from hypergrad._engine.hyper import (
     GROUPS,
     Computed,
