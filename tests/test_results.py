@@ -182,3 +182,37 @@ def test_batches_none_with_clients():
     # the clients average to one model: the hypergradient of a single model from their mean
     ref = hg.hypergrad(outer, inner, params, opt, None, real, steps=4, aux=aux)
     torch.testing.assert_close(g.aux, ref.aux, rtol=1e-10, atol=1e-12)
+
+
+# ------------------------------------------------------------------ aux changed in place
+
+
+@pytest.mark.parametrize(
+    "method", [None, "reverse", hg.Checkpointed(2), "forward", "first_order", hg.Implicit()]
+)
+@pytest.mark.parametrize("asked", [True, False], ids=["wrt-aux", "wrt-lr"])
+def test_a_loss_that_changes_aux_in_place_is_refused(method, asked):
+    def inner(p, a, x):
+        a["scale"].mul_(1.1)  # a running scale kept in aux: every step would see another one
+        return ((p["w"] - a["scale"] * x) ** 2).sum()
+
+    def outer(p, a, x):
+        return (p["w"] ** 2).sum()
+
+    aux = {"scale": torch.ones(1, dtype=torch.float64)}
+    params, opt = {"w": torch.zeros(1, dtype=torch.float64)}, hg.optim.sgd(lr=0.1)
+    batches = torch.ones(3, 1, dtype=torch.float64)
+    name = "hg.unroll" if method is None else "hg.hypergrad"
+    match = rf"^{name}: a loss changed aux\['scale'\] in place\. aux is passed unchanged"
+    if method == "forward" or (asked and method not in (None, "first_order")):
+        # autograd (torch.func in forward mode) refuses it first: explained
+        match = rf"^{name}: (a loss changed aux|inner_loss changed a tensor in place \(mul_\))"
+    with pytest.raises(RuntimeError, match=match):
+        if method is None:
+            hg.unroll(inner, params, opt, batches, aux=aux)
+        else:
+            wrt = ("aux",) if asked and method != "first_order" else ("lr",)
+            if isinstance(method, hg.Implicit):
+                wrt = ("aux",) if asked else ("weight_decay",)
+            hg.hypergrad(outer, inner, params, opt, batches, None, aux=aux, method=method, wrt=wrt)
+    assert torch.equal(aux["scale"], torch.ones(1, dtype=torch.float64))

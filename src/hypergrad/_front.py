@@ -25,7 +25,14 @@ import torch
 from hypergrad import tree as _tree
 from hypergrad._boundary import caller
 from hypergrad._engine.batches import Batches, copied
-from hypergrad._engine.checks import check_float, check_inner_grad, check_opt, check_params
+from hypergrad._engine.checks import (
+    check_float,
+    check_inner_grad,
+    check_opt,
+    check_params,
+    unchanged,
+    watch,
+)
 from hypergrad._engine.compile import Compile, check_compile
 from hypergrad._engine.condition import entering, make_condition
 from hypergrad._engine.diagnosis import all_finite, locate_nonfinite, raise_nonfinite
@@ -102,6 +109,7 @@ class Hypergradient(NamedTuple):
             losses), equal to [`hg.unroll`][hypergrad.unroll]'s: continue training from it
             without a second unroll. With clients, the clients' stacked values after the last
             local step, as [`hg.clients.unroll`][hypergrad.clients.unroll] returns them.
+            ``None`` only for a method of your own whose result carries no ``carry``.
 
     Examples:
         >>> inner = lambda p, a, x: ((p["w"] - a * x) ** 2).sum()
@@ -131,7 +139,8 @@ class Setup:
     outer batch bound (``None`` for an unroll); ``method`` is ``None`` for an unroll.
     ``computed``: the hyperparameters ``hyperparams=fn`` computed from aux whose gradient the
     finish chains into aux's (they are among ``hyper_names``), or ``None``; ``report``: the
-    hyperparameter names ``wrt`` asked for, whose gradients the result reports.
+    hyperparameter names ``wrt`` asked for, whose gradients the result reports; ``watched``:
+    aux's tensors and their versions, checked unchanged at the finish.
     """
 
     inner_loss: Callable[..., Any]
@@ -154,6 +163,7 @@ class Setup:
     clients: Clients | None = None
     computed: Computed | None = None
     report: tuple[str, ...] = ()
+    watched: tuple[tuple[str, torch.Tensor, int], ...] = ()
 
     @property
     def has_buffers(self) -> bool:
@@ -266,6 +276,7 @@ def set_up(
         clients=clients,
         computed=computed,
         report=report,
+        watched=watch(aux),
     )
     if outer_loss is None:
         return setup
@@ -417,11 +428,13 @@ def differentiate(setup: Setup, problem: Problem, runner: Runner | None = None) 
         try:
             result = run(_with_bar(problem, bar))
         except (RuntimeError, NotImplementedError) as error:
+            unchanged(setup.watched)  # a loss changed aux in place before it failed: say so
             explained = explain_missing_rule(error, repr(how))
             if explained is None:
                 raise
             raise explained from error
     setup.source.verify()  # the last batch handed out: unchanged (see Batches.at)
+    unchanged(setup.watched)  # and aux (the copy every step saw)
     # Before the finite check: over processes, its vote is the call's last exchange.
     grads, unused = result.grads, result.unused
     if setup.computed is not None:  # hyperparams=fn(aux): their gradient flows on into aux
@@ -434,15 +447,15 @@ def differentiate(setup: Setup, problem: Problem, runner: Runner | None = None) 
             if bad:
                 raise_nonfinite(problem, result.value, grads)
             locate_nonfinite(problem)  # another process's: replay in step with it
-    carry = result.carry
-    assert carry is not None, f"{how!r} returned no final carry"
+    carry = result.carry  # None: a method of the user's own that does not keep it
+    traj = None if carry is None else Trajectory(*carry, result.losses)
     return Hypergradient(
         result.value,
         grads.get("aux"),
         grads.get("hyperparams"),
         grads.get("params"),
         result.report,
-        Trajectory(carry.params, carry.state, carry.buffers, result.losses),
+        traj,
     )
 
 
@@ -486,6 +499,7 @@ def trajectory(setup: Setup, problem: Problem) -> Trajectory:
         carry, aux, hp = run.bind({})
         carry, losses = run_steps(run, carry, aux, hp, 0, problem.steps, donate=True)
     setup.source.verify()  # the last batch handed out: unchanged (see Batches.at)
+    unchanged(setup.watched)  # and aux (the copy every step saw)
     stacked = torch.stack(losses)
     if setup.check_finite and not in_functorch_transform():
         final = [x for x in _tree.leaves(carry.params) if isinstance(x, torch.Tensor)]
