@@ -61,6 +61,9 @@ def unroll(
             ops (a functional moving average) are differentiated like the params.
         steps: K; default: the number of stacked batches, or ``len(batches)``.
         hyperparams: replaces ``opt.hyperparams`` (same keys); tensors here are differentiable.
+            Or a function ``fn(aux) -> dict`` of them, called once with (a copy of) ``aux``,
+            its graph kept: the steps are then differentiable with respect to ``aux`` through
+            them too (see [`hg.hypergrad`][hypergrad.hypergrad]).
         seed: base seed; step ``k`` runs with ``torch.manual_seed(seed + k)`` inside
             ``torch.random.fork_rng`` (and the outer loss of [`hg.hypergrad`][hypergrad.hypergrad]
             with ``seed + K``). Default: one draw from the global generator.
