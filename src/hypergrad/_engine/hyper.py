@@ -197,7 +197,8 @@ def chain(
     through = torch.autograd.grad(outs, computed.leaves, cots, allow_unused=True)
     out = dict(grads)
     flat, spec = optree.tree_flatten(grads["aux"], namespace=_tree._NAMESPACE)
-    whole = optree.tree_paths({"aux": grads["aux"]}, namespace=_tree._NAMESPACE)
+    named: PyTree = {"aux": grads["aux"]}
+    whole = optree.tree_paths(named, namespace=_tree._NAMESPACE)
     paths = [_tree.keystr(p) for p in whole]  # as ``finish`` names unused leaves
     reached = set()
     for i, g in zip(computed.positions, through):

@@ -14,6 +14,7 @@ from hypergrad._engine.notices import torch_notices_hidden
 from hypergrad._engine.problem import Carry, Problem, run_steps
 from hypergrad.methods._base import Method, MethodResult
 from hypergrad.methods.forward_safe import REPLACED, forward_safe_losses
+from hypergrad.tree import PyTree
 
 __all__ = ["Forward"]
 
@@ -158,7 +159,9 @@ class Forward(Method):
         def run(vector: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, list]]:
             carry, aux, hp = problem.bind(unravel(vector))
             carry, losses = run_steps(problem, carry, aux, hp, 0, problem.steps)
-            flat_carry, spec = optree.tree_flatten(carry, namespace=_tree._NAMESPACE)
+            tree: PyTree = carry
+            flat_carry: list[Any]
+            flat_carry, spec = optree.tree_flatten(tree, namespace=_tree._NAMESPACE)
             kept[:] = [spec, [None if isinstance(x, torch.Tensor) else x for x in flat_carry]]
             tensors = [x for x in flat_carry if isinstance(x, torch.Tensor)]
             return problem.value(carry, aux), (torch.stack(losses), tensors)
