@@ -226,3 +226,15 @@ def call(hyperparams, **kw):
 def test_bad_hyperparams_function_raises(fn, error, match):
     with pytest.raises(error, match=match):
         call(fn)
+
+
+def test_check_hypergrad_steps_past_the_edge_of_a_range():
+    # momentum = 0: the finite differences evaluate momentum = -eps, which the front door
+    # refuses from a user; check_hypergrad's own evaluations are exempt.
+    outer, inner, params, batches, outer_batch, aux = problem()
+    report = hg.testing.check_hypergrad(outer, inner, params, hg.optim.sgd(lr=0.1, momentum=0.0),
+                                        batches, outer_batch, aux=aux, wrt=("momentum",))  # fmt: skip
+    assert report.passed
+    with pytest.raises(ValueError, match=r"^hg\.unroll: invalid momentum: -0\.001"):
+        hg.unroll(inner, params, hg.optim.sgd(lr=0.1, momentum=0.5), batches, aux=aux,
+                  hyperparams={"momentum": torch.tensor(-1e-3, dtype=torch.float64)})  # fmt: skip

@@ -71,7 +71,8 @@ __all__ = [
 
 
 class Trajectory(NamedTuple):
-    """The result of [`unroll`][hypergrad.unroll].
+    """The result of [`unroll`][hypergrad.unroll], and the ``trajectory`` of every
+    [`Hypergradient`][hypergrad.Hypergradient] (the same values for the same call).
 
     Attributes:
         params: the parameters after the last step.
