@@ -24,6 +24,7 @@ import torch
 
 from hypergrad import tree as _tree
 from hypergrad._boundary import caller
+from hypergrad._engine import hyper as _hyper
 from hypergrad._engine.batches import Batches, copied
 from hypergrad._engine.checks import (
     check_float,
@@ -36,16 +37,7 @@ from hypergrad._engine.checks import (
 from hypergrad._engine.compile import Compile, check_compile
 from hypergrad._engine.condition import entering, make_condition
 from hypergrad._engine.diagnosis import all_finite, locate_nonfinite, raise_nonfinite
-from hypergrad._engine.hyper import (
-    GROUPS,
-    Computed,
-    chain,
-    check_tensor_ranges,
-    compute,
-    detached_values,
-    parse_wrt,
-    to_tensor,
-)
+from hypergrad._engine.hyper import parse_wrt, to_tensor
 from hypergrad._engine.kernels import explain_missing_rule
 from hypergrad._engine.problem import Problem, outer_fn, run_steps
 from hypergrad._engine.randomness import draw_seed, rng_devices
@@ -162,7 +154,7 @@ class Setup:
     hyper_names: tuple[str, ...] = ()
     outer: Callable[[PyTree, PyTree, PyTree], torch.Tensor] | None = None
     clients: Clients | None = None
-    computed: Computed | None = None
+    computed: _hyper.Computed | None = None
     report: tuple[str, ...] = ()
     watched: tuple[tuple[str, torch.Tensor, int], ...] = ()
 
@@ -237,15 +229,16 @@ def set_up(
     source = Batches(batches, steps if clients is None else clients.total_steps(steps))
     computed = None
     if callable(hyperparams):  # fn(aux) -> dict: on copies, as the losses see aux
-        computed = compute(hyperparams, copied(aux), opt, fresh=how is not None)
-        hyperparams = computed.values if how is None else detached_values(computed.values)
+        computed = _hyper.compute(hyperparams, copied(aux), opt, fresh=how is not None)
+        hyperparams = computed.values if how is None else _hyper.detached_values(computed.values)
     hp: dict[str, Any] = dict(opt.merged(hyperparams))  # checked as the optimizer checks them
-    check_tensor_ranges(opt, hyperparams)
+    _hyper.check_tensor_ranges(opt, hyperparams)
     _check_seed(seed)
     targets, names = ((), ()) if how is None else parse_wrt(wrt, aux, hp, opt)
     report = names
     if how is not None and computed is not None and "aux" in targets:
-        targets, names, computed = _chained(how, opt, targets, names, computed)
+        moving = entering(opt) if how.fixed_point else None  # Implicit: what moves its optimum
+        targets, names, computed = _hyper.widened(targets, names, computed, moving)
     else:
         computed = None
     first = _tree.leaves(params)[0]  # check_params: a non-empty tree of floating-point tensors
@@ -285,22 +278,6 @@ def set_up(
         outer_loss, outer_batch, buffers is not None, math_attention=setup.math_attention
     )
     return dataclasses.replace(setup, outer=outer)
-
-
-def _chained(
-    how: Method, opt: Optimizer, targets: tuple[str, ...], names: tuple[str, ...], c: Computed
-) -> tuple[tuple[str, ...], tuple[str, ...], Computed | None]:
-    """Add the hyperparameters computed from aux to what the method differentiates.
-
-    A method that differentiates only the fixed point (``hg.Implicit``) gets those that move
-    it; the others have no effect there.
-    """
-    moving = c.names if not how.fixed_point else tuple(n for n in c.names if n in entering(opt))
-    if not moving:
-        return targets, names, None
-    c = c._replace(names=moving)
-    more = tuple(dict.fromkeys(names + moving))
-    return tuple(g for g in GROUPS if g in targets or g == "hyperparams"), more, c
 
 
 def _check_seed(seed: Any) -> None:
@@ -439,7 +416,7 @@ def differentiate(setup: Setup, problem: Problem, runner: Runner | None = None) 
     # Before the finite check: over processes, its vote is the call's last exchange.
     grads, unused = result.grads, result.unused
     if setup.computed is not None:  # hyperparams=fn(aux): their gradient flows on into aux
-        grads, unused = chain(setup.computed, grads, unused, setup.report)
+        grads, unused = _hyper.chain(setup.computed, grads, unused, setup.report)
     _warn_unused(unused, how)
     if setup.check_finite:
         leaves = [g for g in _tree.leaves(grads) if isinstance(g, torch.Tensor)]

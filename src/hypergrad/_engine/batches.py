@@ -38,6 +38,31 @@ def _is_stacked(batches: Any) -> bool:
     return False
 
 
+def _stacked_steps(batches: Any, steps: int | None) -> int:
+    """The number of steps of stacked batches (their common leading size, or ``steps``)."""
+    sizes = {x.shape[0] if x.dim() else None for x in _tree.leaves(batches)}
+    if len(sizes) != 1 or None in sizes:
+        raise ValueError(
+            f"{caller()}: stacked batches must all have the same leading (step) dimension; "
+            f"got leading sizes {sorted(str(s) for s in sizes)}. Pass tensors shaped "
+            "(K, ...), a list of batches, or a function batch_fn(k)."
+        )
+    available: int = sizes.pop()  # type: ignore[assignment]  # None was refused above
+    if available == 0:
+        raise ValueError(
+            f"{caller()}: the stacked batches hold 0 steps (their leading dimension is 0); "
+            "there must be at least one step to run. Pass tensors shaped (K, ...) with "
+            "K >= 1."
+        )
+    steps = available if steps is None else steps
+    if steps > available:
+        raise ValueError(
+            f"{caller()}: batches ran out at step {available}: the stacked batches hold "
+            f"{available} steps but steps={steps}. Pass steps={available} or more batches."
+        )
+    return steps
+
+
 def _no_batch(k: int) -> None:
     """The batch of every step under ``batches=None``."""
     return None
@@ -78,26 +103,7 @@ class Batches:
         if steps is not None:
             positive_int(steps, "steps")
         if _is_stacked(batches):
-            sizes = {x.shape[0] if x.dim() else None for x in _tree.leaves(batches)}
-            if len(sizes) != 1 or None in sizes:
-                raise ValueError(
-                    f"{caller()}: stacked batches must all have the same leading (step) dimension; "
-                    f"got leading sizes {sorted(str(s) for s in sizes)}. Pass tensors shaped "
-                    "(K, ...), a list of batches, or a function batch_fn(k)."
-                )
-            available: int = sizes.pop()  # type: ignore[assignment]  # None was refused above
-            if available == 0:
-                raise ValueError(
-                    f"{caller()}: the stacked batches hold 0 steps (their leading dimension is 0); "
-                    "there must be at least one step to run. Pass tensors shaped (K, ...) with "
-                    "K >= 1."
-                )
-            steps = available if steps is None else steps
-            if steps > available:
-                raise ValueError(
-                    f"{caller()}: batches ran out at step {available}: the stacked batches hold "
-                    f"{available} steps but steps={steps}. Pass steps={available} or more batches."
-                )
+            steps = _stacked_steps(batches, steps)
             self._stacked = batches
         elif batches is None:  # no data per step (it lives in aux): inner_loss gets None
             if steps is None:

@@ -26,6 +26,7 @@ __all__ = [
     "parse_wrt",
     "ranges_unchecked",
     "to_tensor",
+    "widened",
 ]
 
 GROUPS = ("aux", "hyperparams", "params")
@@ -161,6 +162,32 @@ def compute(fn: Callable[[PyTree], Any], aux: PyTree, opt: Optimizer, *, fresh: 
         )
     attached = [k for k, v in values.items() if _attached(v)]
     return Computed(dict(values), leaves, positions, tuple(attached))
+
+
+def widened(
+    targets: tuple[str, ...],
+    names: tuple[str, ...],
+    computed: Computed,
+    moving: tuple[str, ...] | None,
+) -> tuple[tuple[str, ...], tuple[str, ...], Computed | None]:
+    """``targets`` and hyperparameter ``names`` with the computed ones added (to chain later).
+
+    ``moving``: for a method that differentiates only a fixed point (``hg.Implicit``), the
+    hyperparameters that move it (the others have no effect there); ``None``: all count.
+    Returns ``computed`` restricted to those added, or ``None`` when none is.
+
+    Examples:
+        >>> c = Computed({"lr": torch.tensor(0.1)}, [], [], ("lr",))
+        >>> widened(("aux",), (), c, None)[:2]
+        (('aux', 'hyperparams'), ('lr',))
+        >>> widened(("aux",), (), c, ("weight_decay",))
+        (('aux',), (), None)
+    """
+    added = tuple(n for n in computed.names if moving is None or n in moving)
+    if not added:
+        return targets, names, None
+    ordered = tuple(g for g in GROUPS if g in targets or g == "hyperparams")
+    return ordered, tuple(dict.fromkeys(names + added)), computed._replace(names=added)
 
 
 def _attached(value: Any) -> bool:
