@@ -172,6 +172,7 @@ class Checks:
 
     def checkpointed(self):
         self.compare(hg.Checkpointed(2), hg.optim.sgd(lr=0.1))
+        self.compare(hg.Checkpointed(slots=2), hg.optim.adam(lr=0.05))
 
     def truncated(self):
         self.compare(hg.Truncated(3), hg.optim.sgd(lr=0.1))

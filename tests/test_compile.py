@@ -41,6 +41,7 @@ WRT = {
     "reverse": ("aux", "hyperparams", "params"),
     "truncated": ("aux", "hyperparams"),
     "checkpointed": ("aux", "hyperparams", "params"),
+    "slots": ("aux", "hyperparams", "params"),
     "first_order": ("hyperparams", "params"),  # aux enters only the inner loss: zero, warned
     "forward": ("aux", "lr"),
 }
@@ -48,6 +49,7 @@ METHODS = {
     "reverse": "reverse",
     "truncated": hg.Truncated(2),
     "checkpointed": hg.Checkpointed(2),
+    "slots": hg.Checkpointed(slots=2),
     "first_order": "first_order",
     "forward": "forward",
 }
@@ -138,6 +140,7 @@ FAST = [
     ("first_order", "adagrad", torch.float64),
     ("reverse", "adam", torch.float32),
     ("checkpointed", "sgd", torch.float32),
+    ("slots", "adam", torch.float64),
 ]
 
 

@@ -18,6 +18,7 @@ METHODS = [
     pytest.param(hg.Truncated(2), id="truncated"),
     pytest.param(hg.Checkpointed(1), id="checkpointed-1"),
     pytest.param(hg.Checkpointed(3), id="checkpointed-3"),
+    pytest.param(hg.Checkpointed(slots=2), id="revolve-2"),
     pytest.param("first_order", id="first_order"),
     pytest.param("forward", id="forward"),
     pytest.param(hg.Forward(chunk_size=2), id="forward-chunked"),

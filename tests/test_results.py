@@ -20,6 +20,7 @@ METHODS = [
     pytest.param(hg.Truncated(2), id="truncated"),
     pytest.param(hg.Checkpointed(1), id="checkpointed-1"),
     pytest.param(hg.Checkpointed(3), id="checkpointed-3"),
+    pytest.param(hg.Checkpointed(slots=2), id="revolve-2"),
     pytest.param("first_order", id="first_order"),
     pytest.param("forward", id="forward"),
     pytest.param(hg.Forward(chunk_size=2), id="forward-chunked"),
@@ -106,7 +107,8 @@ def test_trajectory_carries_the_buffers():
                "buffers": buffers}  # fmt: skip
     want = unrolled(problem)
     assert not torch.equal(want.buffers["1.running_mean"], buffers["1.running_mean"])
-    for method in ["reverse", hg.Checkpointed(2), "forward", hg.Truncated(1)]:
+    methods = ["reverse", hg.Checkpointed(2), hg.Checkpointed(slots=2), "forward", hg.Truncated(1)]
+    for method in methods:
         assert_same(hg.hypergrad(**problem, method=method).trajectory, want)
 
 
@@ -216,3 +218,16 @@ def test_a_loss_that_changes_aux_in_place_is_refused(method, asked):
                 wrt = ("aux",) if asked else ("weight_decay",)
             hg.hypergrad(outer, inner, params, opt, batches, None, aux=aux, method=method, wrt=wrt)
     assert torch.equal(aux["scale"], torch.ones(1, dtype=torch.float64))
+
+
+def test_trajectory_with_micro_batches_equals_unroll():
+    problem = mlp_problem(hg.optim.sgd(lr=0.1, momentum=0.5))
+
+    def inner(p, a, batch):  # a mean over the batch: micro-batches are exact
+        return ((torch.tanh(batch[0] @ p["w"]) @ p["v"] - batch[1]) ** 2).mean() + a * (
+            p["w"] ** 2
+        ).sum()
+
+    problem = {**problem, "inner_loss": inner, "aux": torch.tensor(0.01, dtype=torch.float64)}
+    g = hg.hypergrad(**problem, method=hg.Checkpointed(2, micro_batches=2))
+    assert_same(g.trajectory, unrolled(problem))

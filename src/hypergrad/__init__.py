@@ -16,12 +16,14 @@ from hypergrad.methods import (
     ImplicitWarning,
     Truncated,
 )
+from hypergrad.methods._revolve import CheckpointCost, checkpoint_cost
 from hypergrad.nn import call, load, split, stack, unstack
 from hypergrad.trajectory import Trajectory, unroll
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CheckpointCost",
     "Checkpointed",
     "Clients",
     "Compile",
@@ -36,6 +38,7 @@ __all__ = [
     "Truncated",
     "__version__",
     "call",
+    "checkpoint_cost",
     "clients",
     "hypergrad",
     "load",

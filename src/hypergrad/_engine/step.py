@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import optree
 import torch
@@ -41,6 +41,7 @@ from hypergrad.tree import PyTree
 
 __all__ = [
     "StepFn",
+    "StepParts",
     "in_functorch_transform",
     "make_step",
     "multi_step",
@@ -48,6 +49,17 @@ __all__ = [
 ]
 
 StepFn = Callable[..., tuple[PyTree, PyTree, PyTree, torch.Tensor]]
+
+
+class StepParts(NamedTuple):
+    """A step's two halves, for a backward that treats them apart (``_engine.backward``).
+
+    ``loss(params, aux, batch, buffers) -> (loss, new_buffers)`` and
+    ``update(params, grads, state, hyperparams) -> (params, state)``.
+    """
+
+    loss: Callable[..., tuple[torch.Tensor, PyTree]]
+    update: Callable[..., tuple[PyTree, PyTree]]
 
 
 def _call_inner(
@@ -222,10 +234,14 @@ def make_step(
         new_params, new_state = opt.update(params, grads, state, hyperparams)
         return new_params, new_state, new_buffers, loss
 
+    parts = StepParts(loss_fn, opt.update)
     if compile is None:
+        step.parts = parts  # type: ignore[attr-defined]
         return step
     key = step_key(inner_loss, opt, has_buffers=has_buffers, first_order=first_order)
-    return compile_step(step, compile=compile, key=key, steps=steps)
+    compiled = compile_step(step, compile=compile, key=key, steps=steps)
+    compiled.parts = parts  # type: ignore[attr-defined]
+    return compiled
 
 
 def multi_step(step: StepFn) -> Any:
