@@ -154,6 +154,9 @@ class Checks:
         close(ours.value, one.value, "value")
         close(ours.aux, one.aux, "aux")
         close(ours.hyperparams, one.hyperparams, "hyperparams")
+        # the trajectory: this rank's clients, as hg.clients.unroll over ranks gives them
+        close(ours.trajectory.params, mine(one.trajectory.params, self.rows), "trajectory")
+        close(ours.trajectory.losses, one.trajectory.losses[:, self.rows], "losses")
         if one.params is not None:
             close(
                 ours.params, one.params if shared_params else mine(one.params, self.rows), "params"

@@ -517,3 +517,16 @@ def test_a_loss_recompiled_only_for_its_closure_warns_once_with_the_fix():
             _compile._entry(step, (_compile.step_key(make(3.0), sgd, has_buffers=False), ()))
     finally:
         _compile.clear_cache()
+
+
+def test_compiled_hypergradient_trajectory_equals_unroll():
+    sgd = OPTIMIZERS["sgd"]
+    kwargs = problem()
+    eager = hg.unroll(inner, kwargs["params"], sgd, kwargs["batches"], aux=kwargs["aux"], seed=7)
+    for method in ("reverse", hg.Checkpointed(2)):
+        got = hg.hypergrad(**kwargs, opt=sgd, method=method, wrt=("aux",), compile=True)
+        flat_got = hg.tree.leaves(tuple(got.trajectory))
+        flat_want = hg.tree.leaves(tuple(eager))
+        assert len(flat_got) == len(flat_want) > 4  # the momentum buffers too
+        for a, b in zip(flat_got, flat_want, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

@@ -272,3 +272,69 @@ def test_built_pages_show_no_literal_markup(built_site: pathlib.Path) -> None:
         + "\n  ".join(problems[:40])
         + (f"\n  ... and {len(problems) - 40} more" if len(problems) > 40 else "")
     )
+
+
+# ------------------------------------------------------------------ attributes the docs name
+
+_RESULT = re.compile(r"\b(\w+) = hg\.(?:clients\.)?hypergrad\(")
+_TRAJ = re.compile(r"\b(\w+) = hg\.(?:clients\.)?unroll\(")
+
+
+def _named_attributes(text: str) -> list[tuple[str, str, list[str]]]:
+    """``(kind, name, [attr, ...])`` for each ``g.attr`` / ``traj.attr`` chain in ``text``.
+
+    ``g`` (and any name bound to ``hg.hypergrad(...)``) is a ``Hypergradient``; ``traj`` (and any
+    name bound to ``hg.unroll(...)``) a ``Trajectory``. A name bound otherwise on the same line
+    (``lambda g: g.pow(2)``) is skipped.
+    """
+    kinds = {"g": "result", "traj": "traj"}
+    kinds.update({m: "result" for m in _RESULT.findall(text)})
+    kinds.update({m: "traj" for m in _TRAJ.findall(text)})
+    found = []
+    pattern = re.compile(rf"\b({'|'.join(map(re.escape, kinds))})((?:\.[A-Za-z_]\w*)+)")
+    for line in text.splitlines():
+        for match in pattern.finditer(line):
+            name, chain = match.group(1), match.group(2).split(".")[1:]
+            if re.search(rf"\b(lambda|for|def)\b[^:]*\b{re.escape(name)}\b", line):
+                continue
+            if line[: match.start()].endswith((".", "hg.")):  # hg.g? a module path
+                continue
+            found.append((kinds[name], name, chain))
+    return found
+
+
+def _doc_files() -> list[pathlib.Path]:
+    return [ROOT / "README.md", *sorted(DOCS.rglob("*.md"))]
+
+
+def test_every_result_attribute_the_docs_name_exists() -> None:
+    fields = {
+        "result": set(hypergrad.Hypergradient._fields),
+        "traj": set(hypergrad.Trajectory._fields),
+        "trajectory": set(hypergrad.Trajectory._fields),
+        "solver": set(hypergrad.ImplicitReport._fields),
+    }
+    seen, wrong = 0, []
+    for path in _doc_files():
+        for kind, name, chain in _named_attributes(path.read_text()):
+            owner = kind
+            for attr in chain:
+                if owner not in fields:
+                    break  # a tensor's or a dict's own attribute (g.aux.shape)
+                seen += 1
+                if attr not in fields[owner]:
+                    wrong.append(f"{path.relative_to(ROOT)}: {name}.{'.'.join(chain)}")
+                    break
+                owner = attr
+    assert seen > 20  # the scan finds the docs' results
+    assert not wrong, f"attributes the results do not have: {wrong}"
+
+
+def test_named_attributes_finds_chains() -> None:
+    text = (
+        "g = hg.hypergrad(...)\ng.trajectory.params\nr = hg.unroll(x)\nr.losses\nlambda g: g.pow(2)"
+    )
+    assert _named_attributes(text) == [
+        ("result", "g", ["trajectory", "params"]),
+        ("traj", "r", ["losses"]),
+    ]

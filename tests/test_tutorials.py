@@ -88,3 +88,12 @@ def test_per_weight_decays_by_implicit_hypergradients_beat_the_best_single_decay
     assert r["hyperparameters"] == 2560 and len(r["val_loss"]) == 9
     assert r["learned_val_loss"] < r["single_val_loss"] - 0.1
     assert r["learned_test_loss"] < r["single_test_loss"]  # data meta-learning never saw
+
+
+def test_online_learning_rates_beat_the_initial_fixed_rate():
+    r = run("online_learning_rates", windows=15, T=10, grid=(3e-3,))
+    assert len(r["history"]) == 15
+    initial = r["fixed"][r["initial_rate"]]
+    assert r["online"][0] < initial[0]  # validation loss
+    assert r["online"][1] < initial[1]  # test loss: data the rates never saw
+    assert all(rate > r["initial_rate"] for rate in r["rates"])  # the rates rose

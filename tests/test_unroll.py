@@ -227,6 +227,12 @@ def test_iterable_batches_are_consumed_lazily_and_kept():
             r"hg.unroll: stacked batches must all have the same leading",
         ),
         (5, None, TypeError, r"hg.unroll: batches must be a tensor .* got int"),
+        (
+            None,
+            None,
+            ValueError,
+            r"hg.unroll: batches=None runs steps without a batch .*pass steps=K",
+        ),
         ([], None, ValueError, r"hg.unroll: batches is empty"),
         (torch.zeros(3, 2), 0, ValueError, r"hg.unroll: steps must be a positive int, got 0"),
     ],

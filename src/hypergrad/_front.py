@@ -24,10 +24,18 @@ import torch
 
 from hypergrad import tree as _tree
 from hypergrad._boundary import caller
+from hypergrad._engine import hyper as _hyper
 from hypergrad._engine.batches import Batches, copied
-from hypergrad._engine.checks import check_float, check_inner_grad, check_opt, check_params
+from hypergrad._engine.checks import (
+    check_float,
+    check_inner_grad,
+    check_opt,
+    check_params,
+    unchanged,
+    watch,
+)
 from hypergrad._engine.compile import Compile, check_compile
-from hypergrad._engine.condition import make_condition
+from hypergrad._engine.condition import entering, make_condition
 from hypergrad._engine.diagnosis import all_finite, locate_nonfinite, raise_nonfinite
 from hypergrad._engine.hyper import parse_wrt, to_tensor
 from hypergrad._engine.kernels import explain_missing_rule
@@ -55,7 +63,8 @@ __all__ = [
 
 
 class Trajectory(NamedTuple):
-    """The result of [`unroll`][hypergrad.unroll].
+    """The result of [`unroll`][hypergrad.unroll], and the ``trajectory`` of every
+    [`Hypergradient`][hypergrad.Hypergradient] (the same values for the same call).
 
     Attributes:
         params: the parameters after the last step.
@@ -88,6 +97,12 @@ class Hypergradient(NamedTuple):
         solver: with [`hg.Implicit`][hypergrad.Implicit], an
             [`ImplicitReport`][hypergrad.ImplicitReport] (the linear solver's iterations,
             residual and convergence, and how stationary the trained params are); else ``None``.
+        trajectory: the [`Trajectory`][hypergrad.trajectory.Trajectory] of the K steps (the
+            params, optimizer state and buffers after the last step, detached, and the inner
+            losses), equal to [`hg.unroll`][hypergrad.unroll]'s: continue training from it
+            without a second unroll. With clients, the clients' stacked values after the last
+            local step, as [`hg.clients.unroll`][hypergrad.clients.unroll] returns them.
+            ``None`` only for a method of your own whose result carries no ``carry``.
 
     Examples:
         >>> inner = lambda p, a, x: ((p["w"] - a * x) ** 2).sum()
@@ -96,6 +111,8 @@ class Hypergradient(NamedTuple):
         ...                  torch.ones(3, 1), None, aux=torch.tensor(0.5), wrt=("aux", "lr"))
         >>> g.aux.shape, sorted(g.hyperparams), g.params is None
         (torch.Size([]), ['lr'], True)
+        >>> g.trajectory.params["w"], g.trajectory.losses.shape  # the params after the 3 steps
+        (tensor([0.7560]), torch.Size([3]))
     """
 
     value: torch.Tensor
@@ -103,6 +120,7 @@ class Hypergradient(NamedTuple):
     hyperparams: dict[str, Any] | None
     params: PyTree
     solver: ImplicitReport | None = None
+    trajectory: Trajectory | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,6 +130,10 @@ class Setup:
     ``hyperparams`` holds every hyperparameter (the optimizer's, with the call's replacements),
     those named by ``wrt`` as tensors; ``outer`` is ``outer(params, buffers, aux)`` with the
     outer batch bound (``None`` for an unroll); ``method`` is ``None`` for an unroll.
+    ``computed``: the hyperparameters ``hyperparams=fn`` computed from aux whose gradient the
+    finish chains into aux's (they are among ``hyper_names``), or ``None``; ``report``: the
+    hyperparameter names ``wrt`` asked for, whose gradients the result reports; ``watched``:
+    aux's tensors and their versions, checked unchanged at the finish.
     """
 
     inner_loss: Callable[..., Any]
@@ -132,6 +154,9 @@ class Setup:
     hyper_names: tuple[str, ...] = ()
     outer: Callable[[PyTree, PyTree, PyTree], torch.Tensor] | None = None
     clients: Clients | None = None
+    computed: _hyper.Computed | None = None
+    report: tuple[str, ...] = ()
+    watched: tuple[tuple[str, torch.Tensor, int], ...] = ()
 
     @property
     def has_buffers(self) -> bool:
@@ -174,7 +199,7 @@ def set_up(
     aux: PyTree,
     state: PyTree,
     buffers: PyTree,
-    hyperparams: Mapping[str, Any] | None,
+    hyperparams: Mapping[str, Any] | Callable[[PyTree], Mapping[str, Any]] | None,
     seed: int | None,
     inner_grad: str,
     compile: bool | str | Compile,
@@ -202,9 +227,20 @@ def set_up(
             f"{type(clients).__name__}. Pass e.g. clients=hg.Clients(rounds=3)."
         )
     source = Batches(batches, steps if clients is None else clients.total_steps(steps))
+    computed = None
+    if callable(hyperparams):  # fn(aux) -> dict: on copies, as the losses see aux
+        computed = _hyper.compute(hyperparams, copied(aux), opt, fresh=how is not None)
+        hyperparams = computed.values if how is None else _hyper.detached_values(computed.values)
     hp: dict[str, Any] = dict(opt.merged(hyperparams))  # checked as the optimizer checks them
+    _hyper.check_tensor_ranges(opt, hyperparams)
     _check_seed(seed)
     targets, names = ((), ()) if how is None else parse_wrt(wrt, aux, hp, opt)
+    report = names
+    if how is not None and computed is not None and "aux" in targets:
+        moving = entering(opt) if how.fixed_point else None  # Implicit: what moves its optimum
+        targets, names, computed = _hyper.widened(targets, names, computed, moving)
+    else:
+        computed = None
     first = _tree.leaves(params)[0]  # check_params: a non-empty tree of floating-point tensors
     for name in names:
         hp[name] = to_tensor(hp[name], first.dtype, first.device)
@@ -232,6 +268,9 @@ def set_up(
         targets=targets,
         hyper_names=names,
         clients=clients,
+        computed=computed,
+        report=report,
+        watched=watch(aux),
     )
     if outer_loss is None:
         return setup
@@ -367,26 +406,34 @@ def differentiate(setup: Setup, problem: Problem, runner: Runner | None = None) 
         try:
             result = run(_with_bar(problem, bar))
         except (RuntimeError, NotImplementedError) as error:
+            unchanged(setup.watched)  # a loss changed aux in place before it failed: say so
             explained = explain_missing_rule(error, repr(how))
             if explained is None:
                 raise
             raise explained from error
     setup.source.verify()  # the last batch handed out: unchanged (see Batches.at)
+    unchanged(setup.watched)  # and aux (the copy every step saw)
     # Before the finite check: over processes, its vote is the call's last exchange.
-    _warn_unused(result.unused, how)
+    grads, unused = result.grads, result.unused
+    if setup.computed is not None:  # hyperparams=fn(aux): their gradient flows on into aux
+        grads, unused = _hyper.chain(setup.computed, grads, unused, setup.report)
+    _warn_unused(unused, how)
     if setup.check_finite:
-        grads = [g for g in _tree.leaves(result.grads) if isinstance(g, torch.Tensor)]
-        bad = not all_finite(result.value, result.losses, *grads)
+        leaves = [g for g in _tree.leaves(grads) if isinstance(g, torch.Tensor)]
+        bad = not all_finite(result.value, result.losses, *leaves)
         if _anywhere(problem, bad):
             if bad:
-                raise_nonfinite(problem, result.value, result.grads)
+                raise_nonfinite(problem, result.value, grads)
             locate_nonfinite(problem)  # another process's: replay in step with it
+    carry = result.carry  # None: a method of the user's own that does not keep it
+    traj = None if carry is None else Trajectory(*carry, result.losses)
     return Hypergradient(
         result.value,
-        result.grads.get("aux"),
-        result.grads.get("hyperparams"),
-        result.grads.get("params"),
+        grads.get("aux"),
+        grads.get("hyperparams"),
+        grads.get("params"),
         result.report,
+        traj,
     )
 
 
@@ -430,6 +477,7 @@ def trajectory(setup: Setup, problem: Problem) -> Trajectory:
         carry, aux, hp = run.bind({})
         carry, losses = run_steps(run, carry, aux, hp, 0, problem.steps, donate=True)
     setup.source.verify()  # the last batch handed out: unchanged (see Batches.at)
+    unchanged(setup.watched)  # and aux (the copy every step saw)
     stacked = torch.stack(losses)
     if setup.check_finite and not in_functorch_transform():
         final = [x for x in _tree.leaves(carry.params) if isinstance(x, torch.Tensor)]

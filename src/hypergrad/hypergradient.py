@@ -63,7 +63,9 @@ def hypergrad(
             as ``inner_loss(params, aux, batch, buffers)`` and returns ``(loss, new_buffers)``.
         params: the initial parameters.
         opt: the functional optimizer.
-        batches: the inner batches (as [`hg.unroll`][hypergrad.unroll]).
+        batches: the inner batches (as [`hg.unroll`][hypergrad.unroll]); ``None`` with
+            ``steps=K`` when the inner loss needs none (its batch is ``None``: the data lives
+            in ``aux``, as in dataset distillation).
         outer_batch: passed unchanged to ``outer_loss``.
         aux: the auxiliary pytree (floating-point tensors when differentiated).
         method: one of the methods above.
@@ -76,7 +78,16 @@ def hypergrad(
             ``inner_loss`` that returns ``(loss, new_buffers)`` and an ``outer_loss`` that
             takes them) to evaluate with the trained ones.
         steps: K; default: the number of stacked batches or ``len(batches)``.
-        hyperparams: replacements for some of ``opt.hyperparams``.
+        hyperparams: replacements for some of ``opt.hyperparams``, or a function
+            ``fn(aux) -> dict`` of them: the hyperparameters are then computed from ``aux`` in
+            the call (tied or log-parametrised rates, a schedule's parameters, a small
+            network's output kept in ``aux``), and ``g.aux`` includes their effect, chained
+            through ``fn`` (the method differentiates the computed values; forward mode pushes
+            one direction per scalar of them too; ``hg.Implicit`` only those that move the
+            fixed point). ``fn`` gets ``aux`` alone, not the step: a hyperparameter holds one
+            value for the K steps. ``wrt`` naming a computed hyperparameter reports, in
+            ``g.hyperparams``, the gradient with respect to the value ``fn`` returned. Tensor
+            values are range-checked once per call (a negative learning rate is refused).
         seed: base seed for the random numbers (default: one draw from the global
             generator): step ``k`` runs with ``torch.manual_seed(seed + k)``, and the outer
             loss with ``seed + K`` (its dropout masks differ from every step's). Every method
@@ -95,8 +106,12 @@ def hypergrad(
             final params. See [`hg.Clients`][hypergrad.Clients].
 
     Returns:
-        ``Hypergradient(value, aux, hyperparams, params, solver)``; what was not asked is
-        ``None`` (``solver``: ``hg.Implicit``'s report, else ``None``).
+        ``Hypergradient(value, aux, hyperparams, params, solver, trajectory)``: the outer
+        loss, the gradients asked for (``None`` where not asked; ``params`` is the gradient
+        with respect to the *initial* params), ``hg.Implicit``'s report (else ``None``), and
+        the [`Trajectory`][hypergrad.trajectory.Trajectory] of the K steps, equal to
+        [`hg.unroll`][hypergrad.unroll]'s: the params, optimizer state and buffers after the
+        last step, from which training may continue without a second unroll.
 
     Raises:
         ValueError: bad ``wrt``, a non-scalar loss, batches that run out (or hold no step), a
@@ -131,6 +146,20 @@ def hypergrad(
         ...     (x, y), (x[0], y[0]), aux=torch.ones(4), wrt=("aux", "lr"))
         >>> g.aux.shape, g.hyperparams["lr"].shape, g.params is None
         (torch.Size([4]), torch.Size([]), True)
+        >>> g.trajectory.params["w"].shape  # the params after the 3 steps: continue from here
+        torch.Size([2])
+
+        The learning rate as a function of ``aux`` (learned as a log), no batches (the data
+        of the inner loss lives in ``aux``):
+
+        >>> def inner_fit(p, a, batch):  # batch is None
+        ...     return ((a["x"] @ p["w"] - a["y"]) ** 2).mean()
+        >>> aux = {"x": x[0], "y": y[0], "log_lr": torch.tensor(-2.0)}
+        >>> g = hg.hypergrad(outer, inner_fit, {"w": torch.zeros(2)}, hg.optim.sgd(lr=0.1),
+        ...     None, (x[1], y[1]), steps=5, aux=aux,
+        ...     hyperparams=lambda a: {"lr": a["log_lr"].exp()})
+        >>> g.aux["log_lr"].shape, g.trajectory.losses.shape
+        (torch.Size([]), torch.Size([5]))
     """
     with entered("hg.hypergrad"), across_ranks(clients):
         setup = set_up(**locals())  # every argument, by name: the front door checks them all

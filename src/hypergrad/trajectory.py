@@ -49,7 +49,9 @@ def unroll(
         params: the initial parameters (a pytree, e.g. from ``hg.split(model)``).
         opt: a functional optimizer, e.g. ``hg.optim.sgd(lr=0.1)``.
         batches: a tensor / tuple / dict of tensors with a leading step dimension, an iterable
-            of batches (consumed lazily), or a function ``batch_fn(k)``.
+            of batches (consumed lazily), a function ``batch_fn(k)``, or ``None`` with
+            ``steps=K``: ``inner_loss`` then receives ``None`` as its batch at every step (the
+            data lives in ``aux``, as in dataset distillation).
         aux: a pytree passed unchanged to ``inner_loss`` at every step.
         state: the initial optimizer state; default ``opt.init(params, hyperparams=...)``.
         buffers: the initial buffers; ``None`` when nothing is carried. torch updates
@@ -59,6 +61,9 @@ def unroll(
             ops (a functional moving average) are differentiated like the params.
         steps: K; default: the number of stacked batches, or ``len(batches)``.
         hyperparams: replaces ``opt.hyperparams`` (same keys); tensors here are differentiable.
+            Or a function ``fn(aux) -> dict`` of them, called once with (a copy of) ``aux``,
+            its graph kept: the steps are then differentiable with respect to ``aux`` through
+            them too (see [`hg.hypergrad`][hypergrad.hypergrad]).
         seed: base seed; step ``k`` runs with ``torch.manual_seed(seed + k)`` inside
             ``torch.random.fork_rng`` (and the outer loss of [`hg.hypergrad`][hypergrad.hypergrad]
             with ``seed + K``). Default: one draw from the global generator.

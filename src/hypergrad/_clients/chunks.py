@@ -81,8 +81,8 @@ def _cat(trees: list[PyTree]) -> PyTree:
     """Concatenate stacked trees along the client dimension (non-tensor leaves from the first)."""
     if trees[0] is None:
         return None
-    return optree.tree_map(
-        lambda *xs: torch.cat(xs) if isinstance(xs[0], torch.Tensor) else xs[0],
+    return optree.tree_map(  # a 0-d leaf (a shared step count) is the same in every chunk
+        lambda *xs: torch.cat(xs) if isinstance(xs[0], torch.Tensor) and xs[0].dim() else xs[0],
         *trees,
         none_is_leaf=True,
         namespace=_tree._NAMESPACE,
@@ -193,7 +193,10 @@ class ByChunks:
                     for k, loss in enumerate(chunk_losses):
                         losses[r * K + k].append(loss)
                 params, buffers = _cat([c.params for c in ends]), _cat([c.buffers for c in ends])
-                finals.append(Carry(params, None, buffers))
+                last = r + 1 == fed.rounds  # its state too: the trajectory's
+                finals.append(
+                    Carry(params, _cat([c.state for c in ends]) if last else None, buffers)
+                )
                 if r + 1 == fed.rounds:  # the last server is the outer loss's (in _outer)
                     break
                 server_b = None if buffers is None else broadcast(fed.aggregate(buffers), C)
@@ -292,7 +295,7 @@ class ByChunks:
             of = {"aux": dims["aux"], "hyperparams": dims["hyperparams"], "params": dims["params"]}
             out = sum_shared(self.fed.ranks, out, of)
         unused = tuple(p for p, _ in _paths(inputs) if p not in acc.used)
-        return MethodResult(value.detach(), out, losses, unused)
+        return MethodResult(value.detach(), out, losses, unused, carry=finals[-1])
 
 
 def _paths(tree: PyTree) -> list[tuple[str, Any]]:

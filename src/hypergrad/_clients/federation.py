@@ -311,6 +311,8 @@ def federate(setup: Setup, clients: Clients) -> Federation:
             "rounds * K batches."
         )
     dims = resolve_in_dims(clients.in_dims, setup.hyperparams)
+    if setup.source.empty:  # batches=None: each step's batch is None, nothing to map
+        dims = {**dims, "batches": None}
     count = count_clients(
         dims, setup.params, setup.state, setup.buffers, setup.hyperparams, clients.weights,
         setup.source.copy_at(0),

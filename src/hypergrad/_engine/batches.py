@@ -38,12 +38,43 @@ def _is_stacked(batches: Any) -> bool:
     return False
 
 
+def _stacked_steps(batches: Any, steps: int | None) -> int:
+    """The number of steps of stacked batches (their common leading size, or ``steps``)."""
+    sizes = {x.shape[0] if x.dim() else None for x in _tree.leaves(batches)}
+    if len(sizes) != 1 or None in sizes:
+        raise ValueError(
+            f"{caller()}: stacked batches must all have the same leading (step) dimension; "
+            f"got leading sizes {sorted(str(s) for s in sizes)}. Pass tensors shaped "
+            "(K, ...), a list of batches, or a function batch_fn(k)."
+        )
+    available: int = sizes.pop()  # type: ignore[assignment]  # None was refused above
+    if available == 0:
+        raise ValueError(
+            f"{caller()}: the stacked batches hold 0 steps (their leading dimension is 0); "
+            "there must be at least one step to run. Pass tensors shaped (K, ...) with "
+            "K >= 1."
+        )
+    steps = available if steps is None else steps
+    if steps > available:
+        raise ValueError(
+            f"{caller()}: batches ran out at step {available}: the stacked batches hold "
+            f"{available} steps but steps={steps}. Pass steps={available} or more batches."
+        )
+    return steps
+
+
+def _no_batch(k: int) -> None:
+    """The batch of every step under ``batches=None``."""
+    return None
+
+
 class Batches:
     """``batch_at(k)`` over a stacked tensor tree, a callable, or a lazily consumed iterable.
 
     Args:
         batches: a tensor / tuple / dict of tensors with a leading step dimension, a callable
-            ``batch_fn(k)``, or an iterable of batches (a list, generator, DataLoader).
+            ``batch_fn(k)``, an iterable of batches (a list, generator, DataLoader), or
+            ``None`` with ``steps``: every step's batch is ``None``.
         steps: the number of steps K; may be omitted for stacked batches and sized iterables.
 
     Examples:
@@ -52,6 +83,8 @@ class Batches:
         (3, tensor([4., 5.]))
         >>> Batches(lambda k: k * 10, 4).at(3)
         30
+        >>> Batches(None, 2).at(1) is None
+        True
     """
 
     def __init__(self, batches: Any, steps: int | None) -> None:
@@ -65,30 +98,21 @@ class Batches:
         self._mutates: bool | None = None
         self._watched: list[tuple[torch.Tensor, int]] = []
         self._watched_copy = False
+        #: ``batches=None``: every step's batch is ``None`` (nothing to map over clients).
+        self.empty = batches is None
         if steps is not None:
             positive_int(steps, "steps")
         if _is_stacked(batches):
-            sizes = {x.shape[0] if x.dim() else None for x in _tree.leaves(batches)}
-            if len(sizes) != 1 or None in sizes:
-                raise ValueError(
-                    f"{caller()}: stacked batches must all have the same leading (step) dimension; "
-                    f"got leading sizes {sorted(str(s) for s in sizes)}. Pass tensors shaped "
-                    "(K, ...), a list of batches, or a function batch_fn(k)."
-                )
-            available: int = sizes.pop()  # type: ignore[assignment]  # None was refused above
-            if available == 0:
-                raise ValueError(
-                    f"{caller()}: the stacked batches hold 0 steps (their leading dimension is 0); "
-                    "there must be at least one step to run. Pass tensors shaped (K, ...) with "
-                    "K >= 1."
-                )
-            steps = available if steps is None else steps
-            if steps > available:
-                raise ValueError(
-                    f"{caller()}: batches ran out at step {available}: the stacked batches hold "
-                    f"{available} steps but steps={steps}. Pass steps={available} or more batches."
-                )
+            steps = _stacked_steps(batches, steps)
             self._stacked = batches
+        elif batches is None:  # no data per step (it lives in aux): inner_loss gets None
+            if steps is None:
+                raise ValueError(
+                    f"{caller()}: batches=None runs steps without a batch (inner_loss receives "
+                    "None, e.g. when the data lives in aux), so the number of steps is unknown; "
+                    "pass steps=K."
+                )
+            self._fn = _no_batch
         elif callable(batches):
             if steps is None:
                 raise ValueError(
@@ -110,8 +134,8 @@ class Batches:
         else:
             raise TypeError(
                 f"{caller()}: batches must be a tensor (or tuple/dict of tensors) with a leading "
-                f"step dimension, an iterable of batches, or a function batch_fn(k); got "
-                f"{type(batches).__name__}."
+                f"step dimension, an iterable of batches, a function batch_fn(k), or None with "
+                f"steps=K (no batch); got {type(batches).__name__}."
             )
         assert steps is not None  # every branch above set it or raised
         self.steps: int = steps

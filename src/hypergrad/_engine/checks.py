@@ -13,7 +13,7 @@ from hypergrad.optim._base import Optimizer
 from hypergrad.optim._common import TRAINABLE
 from hypergrad.tree import PyTree
 
-__all__ = ["check_float", "check_inner_grad", "check_opt", "check_params"]
+__all__ = ["check_float", "check_inner_grad", "check_opt", "check_params", "unchanged", "watch"]
 
 INNER_GRAD = ("auto", "func", "autograd")
 
@@ -100,3 +100,39 @@ def check_inner_grad(inner_grad: Any) -> str:
             f"{caller()}: inner_grad must be 'auto', 'func' or 'autograd', got {inner_grad!r}."
         )
     return inner_grad
+
+
+def watch(aux: PyTree) -> tuple[tuple[str, torch.Tensor, int], ...]:
+    """The tensor leaves of ``aux`` with their key paths and version counters (see ``unchanged``).
+
+    A detached view shares its tensor's version counter, so an in-place change through any
+    view the engine hands to a loss shows here.
+    """
+    paths, flat, _ = optree.tree_flatten_with_path(aux, namespace=_tree._NAMESPACE)
+    return tuple(
+        (_tree.keystr(p), x, x._version) for p, x in zip(paths, flat) if isinstance(x, torch.Tensor)
+    )
+
+
+def unchanged(watched: tuple[tuple[str, torch.Tensor, int], ...]) -> None:
+    """Raise if a loss changed a leaf of ``aux`` in place since ``watch``.
+
+    Examples:
+        >>> aux = {"w": torch.ones(2)}
+        >>> watched = watch(aux)
+        >>> _ = aux["w"].mul_(2)
+        >>> unchanged(watched)
+        Traceback (most recent call last):
+        ...
+        RuntimeError: hypergrad: a loss changed aux['w'] in place. aux is passed unchanged to inner_loss at every step (and to outer_loss), so the steps after the change saw other values and the result would be wrong. Write the op out of place (a = a * 2 instead of a.mul_(2)), or keep what changes in the params or the optimizer state.
+    """
+    for path, x, version in watched:
+        if x._version != version:
+            where = "aux" + ("" if path == "<root>" else path)
+            raise RuntimeError(
+                f"{caller()}: a loss changed {where} in place. aux is passed unchanged to "
+                "inner_loss at every step (and to outer_loss), so the steps after the change "
+                "saw other values and the result would be wrong. Write the op out of place "
+                "(a = a * 2 instead of a.mul_(2)), or keep what changes in the params or the "
+                "optimizer state."
+            )

@@ -31,7 +31,7 @@ from hypergrad.optim._base import Optimizer
 from hypergrad.optim._hyper import is_zero, resolve
 from hypergrad.tree import PyTree
 
-__all__ = ["Condition", "make_condition", "stationarity"]
+__all__ = ["Condition", "entering", "make_condition", "stationarity"]
 
 Residual = Callable[[PyTree, PyTree, PyTree, Mapping[str, Any], Any], PyTree]
 
@@ -101,6 +101,16 @@ def stationarity(inner_loss: Callable[..., Any], opt: Optimizer, *, has_buffers:
     return residual
 
 
+def entering(opt: Optimizer) -> tuple[str, ...]:
+    """The hyperparameters of ``opt`` that move the fixed point: the L2 weight decay.
+
+    Examples:
+        >>> entering(hg.optim.sgd(lr=0.1)), entering(hg.optim.adamw(lr=0.1))
+        (('weight_decay',), ())
+    """
+    return ("weight_decay",) if opt.name != "adamw" and "weight_decay" in opt.hyperparams else ()
+
+
 def make_condition(
     inner_loss: Callable[..., Any],
     opt: Optimizer,
@@ -126,13 +136,10 @@ def make_condition(
             "inner_loss + weight_decay / 2 * |p|^2), put the decay into inner_loss, or pass "
             "hg.optim.adamw(weight_decay=0)."
         )
-    entering = (
-        ("weight_decay",) if opt.name != "adamw" and "weight_decay" in opt.hyperparams else ()
-    )
     return Condition(
         residual=stationarity(inner_loss, opt, has_buffers=has_buffers),
         batch_at=batch_at,
         start=lambda params: params,
-        hyperparams=entering,
+        hyperparams=entering(opt),
         obstacle=obstacle,
     )

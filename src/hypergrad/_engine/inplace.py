@@ -23,7 +23,11 @@ from hypergrad._engine.batches import copied
 
 __all__ = ["explained", "is_in_place_error"]
 
-_MARKERS = ("is being used in an in-place operation", "has been modified by an inplace operation")
+_MARKERS = (
+    "is being used in an in-place operation",
+    "has been modified by an inplace operation",
+    "that would mutate a captured Tensor",  # torch.func (forward mode): aux, say
+)
 
 
 def is_in_place_error(error: BaseException) -> bool:

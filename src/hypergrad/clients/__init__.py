@@ -115,7 +115,11 @@ def hypergrad(
     ``in_dims={"params": None}``).
 
     Returns:
-        ``Hypergradient(value, aux, hyperparams, params)``.
+        ``Hypergradient(value, aux, hyperparams, params, solver, trajectory)``, as
+        [`hg.hypergrad`][hypergrad.hypergrad]; ``trajectory`` holds the clients' stacked
+        values after the last local step, as [`unroll`][hypergrad.clients.unroll] returns
+        them (not aggregated: apply [`fedavg`][hypergrad.clients.fedavg], or your
+        ``aggregate``, for the server's).
 
     Examples:
         Three clients pull their weight towards their own target plus a shared offset ``aux``;

@@ -15,10 +15,10 @@ import optree
 import torch
 
 from hypergrad import tree as _tree
-from hypergrad._engine.problem import Problem
+from hypergrad._engine.problem import Carry, Problem
 from hypergrad.tree import PyTree
 
-__all__ = ["Inputs", "Method", "MethodResult", "fresh_leaves", "leaf_inputs"]
+__all__ = ["Inputs", "Method", "MethodResult", "detached", "fresh_leaves", "leaf_inputs"]
 
 
 class MethodResult(NamedTuple):
@@ -33,6 +33,9 @@ class MethodResult(NamedTuple):
             tell (forward mode).
         report: what the method reports about itself (``hg.Implicit``: an
             [`ImplicitReport`][hypergrad.ImplicitReport]), or ``None``.
+        carry: the carry after the last step (params, optimizer state, buffers; detached), as
+            the method computed it on its way (``hypergrad._front.differentiate`` makes the
+            result's trajectory of it), or ``None`` where the method did not keep it.
     """
 
     value: torch.Tensor
@@ -40,6 +43,7 @@ class MethodResult(NamedTuple):
     losses: torch.Tensor
     unused: tuple[str, ...]
     report: Any = None
+    carry: Carry | None = None
 
 
 class Inputs(NamedTuple):
@@ -86,16 +90,23 @@ def finish(
     grads: list[torch.Tensor | None],
     value: torch.Tensor,
     losses: list[torch.Tensor],
+    carry: Carry | None = None,
 ) -> MethodResult:
     """Assemble a [`MethodResult`][hypergrad.methods.MethodResult].
 
-    Zeros (and an ``unused`` entry) where a grad is None.
+    Zeros (and an ``unused`` entry) where a grad is None; ``carry`` (the final one) detached.
     """
     unused = tuple(p for p, g in zip(inputs.paths, grads) if g is None)
     full = [torch.zeros_like(x) if g is None else g for x, g in zip(inputs.leaves, grads)]
     tree = optree.tree_unflatten(inputs.spec, full)
     stacked = torch.stack([x.detach() for x in losses]) if losses else torch.zeros(0)
-    return MethodResult(value.detach(), dict(tree), stacked, unused)
+    final = None if carry is None else detached(carry)
+    return MethodResult(value.detach(), dict(tree), stacked, unused, carry=final)
+
+
+def detached(carry: Carry) -> Carry:
+    """The carry with every tensor detached (what a result reports)."""
+    return Carry(*(_tree.detach(t) for t in carry))
 
 
 def grad_or_none(
@@ -137,6 +148,9 @@ class Method:
     #: Reverse mode: the method backpropagates a scalar through the steps, so it can also
     #: differentiate a range of steps given the cotangent of their end (client chunks do).
     reverse_mode: ClassVar[bool] = False
+    #: It differentiates only where training ends (a fixed point, ``hg.Implicit``): the
+    #: hyperparameters that do not move the fixed point have no effect there.
+    fixed_point: ClassVar[bool] = False
     #: The clients transform can spread it over processes (``process_group=``).
     spans_processes: ClassVar[bool] = True
 

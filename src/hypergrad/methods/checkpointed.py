@@ -184,7 +184,7 @@ class _Executor:
         outs = select(self.carry0, positions) + [x for x, _ in self.bound]
         grads = grad_or_none(outs, self.inputs.leaves, (self.cotangent or []) + self.acc)
         losses = [self.losses[k] for k in range(self.problem.steps)]
-        return finish(self.inputs, grads, self.value, losses)
+        return finish(self.inputs, grads, self.value, losses, self.final)
 
     def _check_gaps(self) -> None:
         """Raise if the micro-batches' inner gradient differed from the whole batch's."""

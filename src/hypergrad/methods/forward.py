@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
+import optree
 import torch
 
 from hypergrad import tree as _tree
 from hypergrad._boundary import caller, entered, positive_int
 from hypergrad._engine.notices import torch_notices_hidden
-from hypergrad._engine.problem import Problem, run_steps
+from hypergrad._engine.problem import Carry, Problem, run_steps
 from hypergrad.methods._base import Method, MethodResult
 from hypergrad.methods.forward_safe import REPLACED, forward_safe_losses
+from hypergrad.tree import PyTree
 
 __all__ = ["Forward"]
 
@@ -65,6 +68,15 @@ def _push(directional, basis: torch.Tensor):
             if _ZERO_TENSOR_BUG in str(error):
                 raise _explain_zero_tensor_bug(error) from error
             raise
+
+
+def _final(kept: list[Any], tensors: list[torch.Tensor]) -> Carry:
+    """The final carry from the jvp's primal tensors and what ``run`` kept: the structure and
+    the non-tensor leaves (``None`` where a tensor goes)."""
+    spec, flat = kept
+    it = iter(tensors)
+    leaves = [next(it).detach() if x is None else x for x in flat]
+    return Carry(*optree.tree_unflatten(spec, leaves))
 
 
 class Forward(Method):
@@ -142,18 +154,26 @@ class Forward(Method):
         flat, unravel = _tree.ravel(inputs)
         size = flat.numel()
 
-        def run(vector: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        kept: list[Any] = []  # the final carry's tree structure and its non-tensor leaves
+
+        def run(vector: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, list]]:
             carry, aux, hp = problem.bind(unravel(vector))
             carry, losses = run_steps(problem, carry, aux, hp, 0, problem.steps)
-            return problem.value(carry, aux), torch.stack(losses)
+            tree: PyTree = carry
+            flat_carry: list[Any]
+            flat_carry, spec = optree.tree_flatten(tree, namespace=_tree._NAMESPACE)
+            kept[:] = [spec, [None if isinstance(x, torch.Tensor) else x for x in flat_carry]]
+            tensors = [x for x in flat_carry if isinstance(x, torch.Tensor)]
+            return problem.value(carry, aux), (torch.stack(losses), tensors)
 
         def directional(tangent: torch.Tensor):
             return torch.func.jvp(run, (flat,), (tangent,), has_aux=True)
 
         if size == 0:
             with torch.no_grad():
-                value, losses = run(flat)
-            return MethodResult(value.detach(), dict(inputs), losses.detach(), ())
+                value, (losses, tensors) = run(flat)
+            carry = _final(kept, tensors)
+            return MethodResult(value.detach(), dict(inputs), losses.detach(), (), carry=carry)
 
         chunk = self.chunk_size or size
         parts: list[torch.Tensor] = []
@@ -163,11 +183,13 @@ class Forward(Method):
                 rows = torch.arange(hi - lo, device=flat.device)
                 basis = torch.zeros(hi - lo, size, dtype=flat.dtype, device=flat.device)
                 basis[rows, rows + lo] = 1
-                values, tangents, step_losses = _push(directional, basis)
+                values, tangents, (step_losses, tensors) = _push(directional, basis)
                 parts.append(tangents)
                 value, losses = values[0], step_losses[0]
         grads = unravel(torch.cat(parts))
-        return MethodResult(value, dict(grads), losses, ())  # the last chunk's: all are equal
+        carry = _final(kept, [x[0] for x in tensors])  # the primal: the same in every direction
+        # the last chunk's value, losses and carry: every chunk's are equal
+        return MethodResult(value, dict(grads), losses, (), carry=carry)
 
     def __repr__(self) -> str:
         return '"forward"' if self.chunk_size is None else f"hg.Forward({self.chunk_size})"

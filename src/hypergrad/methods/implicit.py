@@ -165,6 +165,7 @@ class Implicit(Method):
     """
 
     name = "implicit"
+    fixed_point = True
     spans_processes = False  # each rank would solve for its own clients only: not yet exact
 
     def __init__(
@@ -260,7 +261,7 @@ class Implicit(Method):
         report = ImplicitReport(
             self.solver, solve.iterations, solve.residual, solve.converged, ratio
         )
-        return finish(inputs, grads, value, losses)._replace(report=report)
+        return finish(inputs, grads, value, losses, carry)._replace(report=report)
 
     def _check_stationary(self, residual: Any, moved: list[torch.Tensor], params0: PyTree) -> float:
         """``|F(params_K)| / |F(params_0)|``, with a warning above ``self.stationarity``."""

@@ -22,7 +22,7 @@ def reverse_from(problem: Problem, start: int) -> MethodResult:
         carry, tail = run_steps(problem, carry, aux, hp, start, problem.steps)
         value = problem.value(carry, aux)
     grads = grad_or_none([value], inputs.leaves)
-    return finish(inputs, grads, value, losses + tail)
+    return finish(inputs, grads, value, losses + tail, carry)
 
 
 class Reverse(Method):

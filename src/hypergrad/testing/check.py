@@ -22,6 +22,7 @@ from hypergrad import tree as _tree
 from hypergrad._boundary import caller, entered, is_number
 from hypergrad._engine.batches import Batches
 from hypergrad._engine.checks import check_opt
+from hypergrad._engine.hyper import ranges_unchecked
 from hypergrad._engine.kernels import math_attention
 from hypergrad._engine.problem import outer_fn
 from hypergrad._engine.randomness import rng_devices, seeded
@@ -522,7 +523,9 @@ def check_hypergrad(
             method=method, wrt=wrt, **common,
         )  # fmt: skip
         asked = {
-            k: v for k, v in g._asdict().items() if k not in ("value", "solver") and v is not None
+            k: v
+            for k, v in g._asdict().items()
+            if k not in ("value", "solver", "trajectory") and v is not None
         }
 
         # attention's kernel as in the method's steps: the same dropout masks (_engine.kernels)
@@ -531,7 +534,7 @@ def check_hypergrad(
         def f(x: dict[str, PyTree]) -> float:  # the outer loss after the unroll, at x
             hyper = {**hp, **x.get("hyperparams", {})}
             x_aux = x.get("aux", aux)
-            with math_attention(math):
+            with math_attention(math), ranges_unchecked():  # a step may leave the range
                 traj = unroll(inner_loss, x.get("params", params), opt, batch_fn,
                               hyperparams=hyper, check_finite=False,
                               **{**common, "aux": x_aux})  # fmt: skip
