@@ -125,6 +125,7 @@ METHODS = {
     "checkpointed_1": lambda k: hg.Checkpointed(1),
     "slots4": lambda k: hg.Checkpointed(slots=4),
     "slots4_micro4": lambda k: hg.Checkpointed(slots=4, micro_batches=4),
+    "slots4_micro8": lambda k: hg.Checkpointed(slots=4, micro_batches=8),
 }
 
 

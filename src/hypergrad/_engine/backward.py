@@ -160,6 +160,7 @@ def _micro_vjp(
         new_params, new_state = parts.update(params, optree.tree_unflatten(spec, g_in), state, hp)
         out = select(Carry(new_params, new_state, buffers), opened.positions)
         through = grad_or_none(out, wrt + g_in, cotangent)
+        del new_params, new_state, out, g_in  # the update's outputs: not kept through the slices
     grads, v = through[: len(wrt)], through[len(wrt) :]
     if all(x is None for x in v):
         return grads, loss.detach(), None
@@ -172,7 +173,10 @@ def _micro_vjp(
             used = [(x, vi) for x, vi in zip(gi, v) if x is not None]
             second = grad_or_none([x for x, _ in used], wrt, [vi for _, vi in used])
         grads = [_add(a, b) for a, b in zip(grads, second)]
-        total = [t if x is None else t + x.detach() for t, x in zip(total, gi)]
+        for t, x in zip(total, gi):
+            if x is not None:
+                t.add_(x.detach())
+        del part, gi, used, second
     return grads, loss.detach(), _relative_gap(total, g)
 
 
@@ -203,6 +207,7 @@ def _relative_gap(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor 
 
 
 def _add(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    # out of place: autograd may hand back a cotangent it was given (a sum of one term)
     if a is None:
         return b
     return a if b is None else a + b
