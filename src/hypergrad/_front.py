@@ -132,6 +132,8 @@ class Setup:
     hyper_names: tuple[str, ...] = ()
     outer: Callable[[PyTree, PyTree, PyTree], torch.Tensor] | None = None
     clients: Clients | None = None
+    outer_batch: Any = None
+    process_group: Any = None
 
     @property
     def has_buffers(self) -> bool:
@@ -185,6 +187,7 @@ def set_up(
     outer_loss: Callable[..., Any] | None = None,
     outer_batch: Any = None,
     clients: Clients | None = None,
+    process_group: Any = None,
 ) -> Setup:
     """Check a public call's arguments and normalise them into a ``Setup`` (the front door).
 
@@ -232,6 +235,8 @@ def set_up(
         targets=targets,
         hyper_names=names,
         clients=clients,
+        outer_batch=outer_batch,
+        process_group=process_group,
     )
     if outer_loss is None:
         return setup
@@ -431,6 +436,8 @@ def trajectory(setup: Setup, problem: Problem) -> Trajectory:
         carry, losses = run_steps(run, carry, aux, hp, 0, problem.steps, donate=True)
     setup.source.verify()  # the last batch handed out: unchanged (see Batches.at)
     stacked = torch.stack(losses)
+    if problem.total is not None:  # over processes: each one's share of the losses, summed
+        stacked = problem.total(stacked)
     if setup.check_finite and not in_functorch_transform():
         final = [x for x in _tree.leaves(carry.params) if isinstance(x, torch.Tensor)]
         if _anywhere(problem, not all_finite(stacked, *final)):

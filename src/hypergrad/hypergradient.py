@@ -38,6 +38,7 @@ def hypergrad(
     check_finite: bool = True,
     compile: bool | str | Compile = False,
     clients: Clients | None = None,
+    process_group: Any = None,
 ) -> Hypergradient:
     """The gradient of ``outer_loss(params_K, aux, outer_batch)`` through K optimizer steps.
 
@@ -132,6 +133,6 @@ def hypergrad(
         >>> g.aux.shape, g.hyperparams["lr"].shape, g.params is None
         (torch.Size([4]), torch.Size([]), True)
     """
-    with entered("hg.hypergrad"), across_ranks(clients):
+    with entered("hg.hypergrad"), across_ranks(clients, process_group):
         setup = set_up(**locals())  # every argument, by name: the front door checks them all
         return differentiate(setup, *problem_of(setup))

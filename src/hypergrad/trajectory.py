@@ -32,6 +32,7 @@ def unroll(
     check_finite: bool = True,
     compile: bool | str | Compile = False,
     clients: Clients | None = None,
+    process_group: Any = None,
 ) -> Trajectory:
     """Run K differentiable optimizer steps of ``inner_loss`` and return the ``Trajectory``.
 
@@ -99,6 +100,6 @@ def unroll(
         >>> traj.params["w"], traj.losses
         (tensor([0.8750]), tensor([1.0000, 0.2500, 0.0625]))
     """
-    with entered("hg.unroll"), across_ranks(clients):
+    with entered("hg.unroll"), across_ranks(clients, process_group):
         setup = set_up(**locals())  # every argument, by name: the front door checks them all
         return trajectory(setup, problem_of(setup)[0])

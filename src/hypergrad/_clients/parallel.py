@@ -1,0 +1,191 @@
+"""Data parallelism: one model over the ranks of a process group, each with a shard of the data.
+
+``hg.hypergrad(..., process_group=group)`` (and ``hg.unroll``) without ``clients``: every rank
+holds the same params, optimizer state, ``aux`` and hyperparameters and passes its own shard of
+every inner batch and of the outer batch. The loss of a step is the mean over the global batch,
+so rank ``r`` with ``n_r`` of the ``N`` examples contributes ``n_r / N`` of it (``n_r``: the
+leading dimension of its batch's first tensor, the same at every step; ``m_r`` of ``M`` likewise
+for the outer batch). Two differentiable collectives of ``hypergrad._clients.ranks`` do the
+rest, so every method differentiates the problem unchanged:
+
+- the params enter each loss through ``shared`` (the identity, whose backward all-reduces the
+  cotangent), so the inner gradient a step takes of its rank's weighted loss is already the
+  global one, ``sum_r n_r g_r / N``: one all-reduce per step, inside the gradient;
+- the outer value is ``sum_ranks`` of each rank's weighted outer loss (its backward hands each
+  rank its own share).
+
+Every rank then runs the same trajectory, and every cotangent and tangent of the carry is the
+whole one on every rank (the all-reduce inside ``shared``'s backward completes it). The one
+exception is ``aux``, which enters each rank's losses directly: a reverse-mode method's
+gradient of it is the rank's share, all-reduced once at the end (``AcrossRanks``). Forward mode
+needs nothing more: its tangents are the same on every rank.
+
+The ranks agree before the first step (``same_call_weights``: the call, the structure and a
+digest of the values of what every rank must hold alike), and every collective runs inside the
+fault protocol of ``spanning``. Buffers (BatchNorm's statistics) stay each rank's own, as with
+``DistributedDataParallel``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+from hypergrad import tree as _tree
+from hypergrad._boundary import caller
+from hypergrad._clients.ranks import (
+    AcrossRanks,
+    Ranks,
+    describe,
+    same_call_weights,
+    shared,
+    sum_ranks,
+)
+from hypergrad._engine.problem import Problem
+from hypergrad._front import Runner, Setup, single_problem
+from hypergrad.methods import Forward
+from hypergrad.tree import PyTree
+
+__all__ = ["data_parallel", "digest", "examples"]
+
+_INTS = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}
+
+
+def examples(batch: Any) -> int:
+    """The number of examples in a batch: the leading dimension of its first tensor leaf (in
+    ``hg.tree`` order), or 1 for a batch without one (every rank's share then counts alike).
+
+    Examples:
+        >>> examples((torch.zeros(5, 3), torch.zeros(5))), examples({"x": torch.zeros(2, 4)})
+        (5, 2)
+        >>> examples(None), examples(torch.tensor(1.0))
+        (1, 1)
+    """
+    for x in _tree.leaves(batch):
+        if isinstance(x, torch.Tensor):
+            return int(x.shape[0]) if x.dim() > 0 else 1
+    return 1
+
+
+def digest(tree: PyTree) -> str:
+    """A digest of the values of a tree's tensors: sums of their bits (exact integer sums, so
+    the same on every process for the same values), and every other leaf's ``repr``.
+
+    Examples:
+        >>> digest({"w": torch.ones(3)}) == digest({"w": torch.ones(3)})
+        True
+        >>> digest({"w": torch.ones(3)}) == digest({"w": torch.tensor([1.0, 1.0, 1.5])})
+        False
+    """
+    parts: list[torch.Tensor] = []
+    others: list[str] = []
+    for x in _tree.leaves(tree):
+        if not isinstance(x, torch.Tensor):
+            others.append(repr(x))
+            continue
+        flat = x.detach().reshape(-1)
+        if flat.is_complex():
+            flat = torch.view_as_real(flat).reshape(-1)
+        if flat.dtype == torch.bool:
+            flat = flat.to(torch.uint8)
+        bits = flat.view(_INTS[flat.element_size()]).to(torch.int64)
+        parts.append(torch.stack([bits.sum(), (bits * bits).sum(), bits[::2].sum()]).cpu())
+    sums = torch.cat(parts).tolist() if parts else []
+    return f"{sums} {others}"
+
+
+def _fingerprint(setup: Setup) -> dict[str, str]:
+    """What every rank must pass alike: the call, and the structure and values of what each
+    holds (not the batches, nor the buffers, which are each rank's own)."""
+    return {
+        "the call": f"{caller()}, data parallel",
+        "method": repr(setup.method),
+        "wrt": repr((setup.targets, setup.hyper_names)),
+        "K (steps)": str(setup.source.steps),
+        "params": describe(setup.params, None),
+        "buffers": describe(setup.buffers, None),
+        "aux": describe(setup.aux, None),
+        "hyperparams": describe(setup.hyperparams, None),
+        "values of params, state, aux and hyperparams": digest(
+            (setup.params, setup.state, setup.aux, setup.hyperparams)
+        ),
+        "inner_grad": setup.inner_grad,
+        "check_finite": str(setup.check_finite),
+    }
+
+
+def _check(setup: Setup) -> None:
+    if setup.compile is not None:
+        raise ValueError(
+            f"{caller()}: compile={setup.compile!r} does not run with process_group yet: the "
+            "all-reduce of each step's gradient cannot be part of a compiled graph. Pass "
+            "compile=False with process_group."
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class _Shard:
+    """This rank's part of a data-parallel call: its weights and how its losses are combined."""
+
+    ranks: Ranks
+    setup: Setup
+    examples: int
+    inner_weight: float
+    outer_weight: float
+
+    def inner_loss(self, params: PyTree, aux: PyTree, batch: Any, *buffers: Any) -> Any:
+        """The rank's weighted share of the global inner loss, the params entering shared."""
+        out = self.setup.inner_loss(shared(self.ranks, params), aux, batch, *buffers)
+        if buffers and isinstance(out, tuple) and len(out) == 2:
+            loss, new = out
+            return (loss * self.inner_weight if isinstance(loss, torch.Tensor) else loss), new
+        return out * self.inner_weight if isinstance(out, torch.Tensor) else out
+
+    def outer(self, params: PyTree, buffers: PyTree, aux: PyTree) -> torch.Tensor:
+        """The global outer loss: the sum over ranks of each one's weighted share."""
+        assert self.setup.outer is not None
+        mine = self.setup.outer(shared(self.ranks, params), buffers, aux) * self.outer_weight
+        return sum_ranks(self.ranks, mine)
+
+    def batch_at(self, k: int) -> Any:
+        """Step ``k``'s batch, checked to hold this rank's number of examples."""
+        batch = self.setup.source.at(k)
+        got = examples(batch)
+        if got != self.examples:
+            raise ValueError(
+                f"{caller()}: with process_group, a rank's share of each step's loss is its "
+                f"number of examples, read from step 0's batch ({self.examples}), but step "
+                f"{k}'s batch has {got} (the leading dimension of its first tensor). Give "
+                "every step's batch the same number of examples on a rank, e.g. "
+                "DataLoader(..., drop_last=True)."
+            )
+        return batch
+
+    def total(self, losses: torch.Tensor) -> torch.Tensor:
+        """The global step losses from this rank's shares."""
+        return sum_ranks(self.ranks, losses)
+
+
+def data_parallel(setup: Setup) -> tuple[Problem, Runner | None]:
+    """The problem of ``setup`` spread over the ranks of ``setup.process_group`` (see the module
+    docstring), and the runner that sums the ranks' ``aux`` gradients (``None``: the method)."""
+    _check(setup)
+    ranks = Ranks(setup.process_group)
+    mine = (examples(setup.source.copy_at(0)), examples(setup.outer_batch))
+    (total, total_outer), seed = same_call_weights(
+        ranks, _fingerprint(setup), (float(mine[0]), float(mine[1])), setup.seed,
+        may_differ="only each rank's shard of the inner and outer batches may differ",
+    )  # fmt: skip
+    setup = dataclasses.replace(setup, seed=seed)  # every rank draws rank 0's numbers
+    shard = _Shard(ranks, setup, mine[0], mine[0] / total, mine[1] / total_outer)
+    outer = None if setup.outer is None else shard.outer
+    one = single_problem(dataclasses.replace(setup, inner_loss=shard.inner_loss, outer=outer))
+    problem = dataclasses.replace(one, batch_at=shard.batch_at, agree=ranks.any, total=shard.total)
+    how = setup.method
+    if how is None or isinstance(how, Forward) or "aux" not in setup.targets:
+        return problem, None
+    # The gradients of params and hyperparams are whole on every rank: dim 0 keeps them as
+    # they are (a client dimension, in the clients' terms); aux's are summed.
+    return problem, AcrossRanks(how, ranks, {"aux": None, "hyperparams": 0, "params": 0})
