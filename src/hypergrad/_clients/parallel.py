@@ -119,9 +119,9 @@ def _fingerprint(setup: Setup) -> dict[str, str]:
 def _check(setup: Setup) -> None:
     if setup.compile is not None:
         raise ValueError(
-            f"{caller()}: compile={setup.compile!r} does not run with process_group yet: the "
-            "all-reduce of each step's gradient cannot be part of a compiled graph. Pass "
-            "compile=False with process_group."
+            f"{caller()}: compile does not run with process_group yet: the all-reduce of each "
+            "step's gradient cannot be part of a compiled graph. Pass compile=False with "
+            "process_group."
         )
 
 
