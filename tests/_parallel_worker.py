@@ -219,6 +219,37 @@ class Checks:
         if counted.calls != {"all_reduce": 2 * K + 4}:
             raise AssertionError(f"an unroll over {K} steps ran {counted.calls}")
 
+    def modules_from_training_code(self):  # DDP-wrapped: its inner module; DTensor: refused
+        from torch.distributed.tensor import DeviceMesh, Replicate, distribute_tensor
+        from torch.nn.parallel import DistributedDataParallel
+
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+        model = model.to(torch.float64)
+        wrapped = DistributedDataParallel(model)
+        params, _ = hg.split(wrapped)
+        if list(params) != list(hg.split(model)[0]):
+            raise AssertionError(list(params))
+
+        def loss(module):
+            return lambda p, aux, b: ((hg.call(module, p, b[0])[:, 0] - b[1]) ** 2).mean()
+
+        a, opt, kw = self.all, hg.optim.sgd(lr=0.1), {"seed": 0, "wrt": "lr"}
+        one = hg.hypergrad(loss(model), loss(model), params, opt, a["batches"], a["val"], **kw)
+        ours = hg.hypergrad(
+            loss(wrapped), loss(wrapped), params, opt, self.shard("batches"), self.shard("val"),
+            process_group=self.group, **kw,
+        )  # fmt: skip
+        close(ours.hyperparams, one.hyperparams, "lr")
+        hg.load(wrapped, hg.tree.zeros_like(params))
+        if model[0].weight.abs().sum() != 0:
+            raise AssertionError("hg.load did not reach the inner module")
+        sharded = torch.nn.Linear(3, 2)
+        mesh = DeviceMesh("cpu", list(range(self.world)))
+        weight = distribute_tensor(sharded.weight.detach(), mesh, [Replicate()])
+        sharded.weight = torch.nn.Parameter(weight)
+        expect_error(lambda: hg.split(sharded), TypeError, "hg.split", "sharded", "process_group")
+
     # --- faults: every rank raises, naming the failing rank; none hangs ----------------------
 
     def call(self, inner_loss=inner, batches=None, params=None, **kw):
@@ -339,6 +370,7 @@ CHECKS = [
     "reverse", "reverse_adam", "reverse_autograd_and_func", "truncated", "checkpointed",
     "forward", "forward_chunked", "first_order", "maml", "implicit", "implicit_weight_decay",
     "outer_without_data", "unroll", "buffers_per_rank", "collectives_per_call",
+    "modules_from_training_code",
     "exception_in_a_loss", "exception_in_a_backward", "nan_in_a_batch", "nan_in_an_unroll",
     "bad_argument_on_one_rank", "different_steps", "different_method", "different_params",
     "different_structure", "shard_size_changes", "refused_in_every_rank", "still_in_step",

@@ -94,6 +94,17 @@ def hypergrad(
         clients: ``hg.Clients(...)`` differentiates C stacked client models trained at once
             (vmapped), in federated rounds; ``outer_loss`` then receives the aggregate of their
             final params. See [`hg.Clients`][hypergrad.Clients].
+        process_group: a ``torch.distributed`` process group for one model, data parallel (with
+            ``clients=``, pass it to ``hg.Clients`` instead): every rank passes the same
+            ``params``, ``state``, ``aux`` and hyperparameters, and its own shard of every inner
+            batch and of ``outer_batch``. The losses are taken to be means over the rank's
+            shard; the global loss is the mean over every rank's examples, so a rank's share is
+            weighted by its number of examples (the leading dimension of its batch's first
+            tensor, the same at every step; a batch without tensors counts as one). Each step's
+            inner gradient is all-reduced, differentiably, and every rank returns what one
+            process holding the whole batches returns, for every method. Buffers stay each
+            rank's own (as with ``DistributedDataParallel``). See the concepts page "Many
+            processes".
 
     Returns:
         ``Hypergradient(value, aux, hyperparams, params, solver)``; what was not asked is
