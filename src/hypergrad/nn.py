@@ -72,7 +72,7 @@ def _inner(module: nn.Module) -> nn.Module:
         if isinstance(module, nn.parallel.DistributedDataParallel):
             module = module.module
         elif type(module).__name__ == "OptimizedModule" and hasattr(module, "_orig_mod"):
-            module = module._orig_mod
+            module = getattr(module, "_orig_mod")  # noqa: B009 - an attribute torch sets
         else:
             return module
 
