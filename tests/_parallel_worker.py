@@ -353,6 +353,12 @@ class Checks:
             batches[2] = (batches[2][0][:-1], batches[2][1][:-1])
         expect_failure(lambda: self.call(batches=batches), "rank 1:", "step 2's batch has")
 
+    def a_rank_without_examples(self):
+        x, y = self.shard("batches")
+        if self.rank == 0:
+            x, y = x[:, :0], y[:, :0]
+        expect_failure(lambda: self.call(batches=(x, y)), "rank 0:", "holds no examples")
+
     def refused_in_every_rank(self):
         a = self.all
         expect_failure(lambda: self.call(compile=True), "rank 0:", "compile does not run")
@@ -373,7 +379,7 @@ CHECKS = [
     "modules_from_training_code",
     "exception_in_a_loss", "exception_in_a_backward", "nan_in_a_batch", "nan_in_an_unroll",
     "bad_argument_on_one_rank", "different_steps", "different_method", "different_params",
-    "different_structure", "shard_size_changes", "refused_in_every_rank", "still_in_step",
+    "different_structure", "shard_size_changes", "a_rank_without_examples", "refused_in_every_rank", "still_in_step",
 ]  # fmt: skip
 
 

@@ -70,8 +70,9 @@ def examples(batch: Any) -> int:
 
 
 def digest(tree: PyTree) -> str:
-    """A digest of the values of a tree's tensors: sums of their bits (exact integer sums, so
-    the same on every process for the same values), and every other leaf's ``repr``.
+    """A digest of the values of a tree's tensors: sums of their bits, of every second and every
+    third element's (exact integer sums, so the same on every process for the same values;
+    one pass, no copy), and every other leaf's ``repr``.
 
     Examples:
         >>> digest({"w": torch.ones(3)}) == digest({"w": torch.ones(3)})
@@ -90,9 +91,11 @@ def digest(tree: PyTree) -> str:
             flat = torch.view_as_real(flat).reshape(-1)
         if flat.dtype == torch.bool:
             flat = flat.to(torch.uint8)
-        bits = flat.view(_INTS[flat.element_size()]).to(torch.int64)
-        parts.append(torch.stack([bits.sum(), (bits * bits).sum(), bits[::2].sum()]).cpu())
-    sums = torch.cat(parts).tolist() if parts else []
+        bits = flat.view(_INTS[flat.element_size()])  # sums in int64: no copy, exact
+        sums = [bits.sum(dtype=torch.int64), bits[::2].sum(dtype=torch.int64)]
+        parts.append(torch.stack([*sums, bits[::3].sum(dtype=torch.int64)]))
+    device = parts[0].device if parts else None
+    sums = torch.cat([x.to(device) for x in parts]).tolist() if parts else []  # one sync
     return f"{sums} {others}"
 
 
@@ -174,6 +177,14 @@ def data_parallel(setup: Setup) -> tuple[Problem, Runner | None]:
     _check(setup)
     ranks = Ranks(setup.process_group)
     mine = (examples(setup.source.copy_at(0)), examples(setup.outer_batch))
+    if min(mine) == 0:
+        which = "step 0's batch" if mine[0] == 0 else "the outer batch"
+        raise ValueError(
+            f"{caller()}: {which} holds no examples on this rank (its first tensor's leading "
+            "dimension is 0); with process_group every rank needs some of every batch, since "
+            "its loss is the mean over its shard. Spread the examples so that each rank has "
+            "some."
+        )
     (total, total_outer), seed = same_call_weights(
         ranks, _fingerprint(setup), (float(mine[0]), float(mine[1])), setup.seed,
         may_differ="only each rank's shard of the inner and outer batches may differ",
