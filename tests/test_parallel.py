@@ -15,8 +15,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import torch.distributed as dist
 
+import hypergrad as hg
 from _parallel_worker import CHECKS
 from test_ranks import Launch, finish
 
@@ -66,3 +68,21 @@ def test_the_example_runs_under_torchrun():
     assert proc.returncode == 0, log
     diff = re.search(r"max \|grad - one process's\| = (\S+)", log)
     assert diff is not None and float(diff.group(1)) < 1e-10, log
+
+
+def _call(**kw):
+    loss = lambda p, aux, x: ((p["w"] - x) ** 2).mean()  # noqa: E731
+    return hg.hypergrad(
+        loss, loss, {"w": torch.zeros(2)}, hg.optim.sgd(lr=0.1), torch.ones(3, 4, 2),
+        torch.ones(4, 2), wrt="lr", **kw,
+    )  # fmt: skip
+
+
+def test_process_group_must_be_a_process_group():
+    with pytest.raises(TypeError, match=r"hg.hypergrad: process_group must be a torch.distributed"):
+        _call(process_group="WORLD")
+
+
+def test_process_group_with_clients_belongs_to_the_clients():
+    with pytest.raises(ValueError, match=r"hg.hypergrad: process_group= spreads one model's.*"):
+        _call(clients=hg.Clients(), process_group=object())
