@@ -11,6 +11,7 @@ raises a ``RankFailure`` naming it. After the faults the group is used again.
 from __future__ import annotations
 
 import datetime
+import gc
 import json
 import os
 import sys
@@ -219,6 +220,20 @@ class Checks:
         if counted.calls != {"all_reduce": 2 * K + 4}:
             raise AssertionError(f"an unroll over {K} steps ran {counted.calls}")
 
+    def no_reference_kept(self):  # a group freed only at interpreter exit can abort it (gloo)
+        group = dist.distributed_c10d._get_default_group()
+        gc.collect()
+        gc.disable()
+        try:
+            before = sys.getrefcount(group)
+            self.compare("reverse", hg.optim.sgd(lr=0.1))
+            self.compare("forward", hg.optim.sgd(lr=0.1))
+            after = sys.getrefcount(group)
+        finally:
+            gc.enable()
+        if after != before:
+            raise AssertionError(f"the call left {after - before} references to the group")
+
     def modules_from_training_code(self):  # DDP-wrapped: its inner module; DTensor: refused
         from torch.distributed.tensor import DeviceMesh, Replicate, distribute_tensor
         from torch.nn.parallel import DistributedDataParallel
@@ -376,7 +391,7 @@ CHECKS = [
     "reverse", "reverse_adam", "reverse_autograd_and_func", "truncated", "checkpointed",
     "forward", "forward_chunked", "first_order", "maml", "implicit", "implicit_weight_decay",
     "outer_without_data", "unroll", "buffers_per_rank", "collectives_per_call",
-    "modules_from_training_code",
+    "no_reference_kept", "modules_from_training_code",
     "exception_in_a_loss", "exception_in_a_backward", "nan_in_a_batch", "nan_in_an_unroll",
     "bad_argument_on_one_rank", "different_steps", "different_method", "different_params",
     "different_structure", "shard_size_changes", "a_rank_without_examples", "refused_in_every_rank", "still_in_step",
