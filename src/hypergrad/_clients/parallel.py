@@ -11,14 +11,13 @@ rest, so every method differentiates the problem unchanged:
 - the params enter each loss through ``shared`` (the identity, whose backward all-reduces the
   cotangent), so the inner gradient a step takes of its rank's weighted loss is already the
   global one, ``sum_r n_r g_r / N``: one all-reduce per step, inside the gradient;
-- the outer value is ``sum_ranks`` of each rank's weighted outer loss (its backward hands each
-  rank its own share).
+- each rank differentiates its own weighted share of the outer loss.
 
 Every rank then runs the same trajectory, and every cotangent and tangent of the carry is the
-whole one on every rank (the all-reduce inside ``shared``'s backward completes it). The one
-exception is ``aux``, which enters each rank's losses directly: a reverse-mode method's
-gradient of it is the rank's share, all-reduced once at the end (``AcrossRanks``). Forward mode
-needs nothing more: its tangents are the same on every rank.
+whole one on every rank (the all-reduce inside ``shared``'s backward completes it). What is a
+share at the end is summed in one all-reduce (``Completed``): the outer value, and ``aux``'s
+gradient (``aux`` enters each rank's losses directly); in forward mode every output (the
+directional derivatives of the rank's share of the outer loss).
 
 The ranks agree before the first step (``same_call_weights``: the call, the structure and a
 digest of the values of what every rank must hold alike), and every collective runs inside the
@@ -36,19 +35,19 @@ import torch
 from hypergrad import tree as _tree
 from hypergrad._boundary import caller
 from hypergrad._clients.ranks import (
-    AcrossRanks,
     Ranks,
     describe,
     same_call_weights,
     shared,
     sum_ranks,
+    sum_shared,
 )
 from hypergrad._engine.problem import Problem
 from hypergrad._front import Runner, Setup, single_problem
 from hypergrad.methods import Forward
 from hypergrad.tree import PyTree
 
-__all__ = ["data_parallel", "digest", "examples"]
+__all__ = ["Completed", "data_parallel", "digest", "examples"]
 
 _INTS = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}
 
@@ -147,10 +146,9 @@ class _Shard:
         return out * self.inner_weight if isinstance(out, torch.Tensor) else out
 
     def outer(self, params: PyTree, buffers: PyTree, aux: PyTree) -> torch.Tensor:
-        """The global outer loss: the sum over ranks of each one's weighted share."""
+        """This rank's weighted share of the global outer loss (``Completed`` sums the value)."""
         assert self.setup.outer is not None
-        mine = self.setup.outer(shared(self.ranks, params), buffers, aux) * self.outer_weight
-        return sum_ranks(self.ranks, mine)
+        return self.setup.outer(shared(self.ranks, params), buffers, aux) * self.outer_weight
 
     def batch_at(self, k: int) -> Any:
         """Step ``k``'s batch, checked to hold this rank's number of examples."""
@@ -173,7 +171,7 @@ class _Shard:
 
 def data_parallel(setup: Setup) -> tuple[Problem, Runner | None]:
     """The problem of ``setup`` spread over the ranks of ``setup.process_group`` (see the module
-    docstring), and the runner that sums the ranks' ``aux`` gradients (``None``: the method)."""
+    docstring), and for a hypergradient the runner that completes the method's result."""
     _check(setup)
     ranks = Ranks(setup.process_group)
     mine = (examples(setup.source.copy_at(0)), examples(setup.outer_batch))
@@ -195,8 +193,30 @@ def data_parallel(setup: Setup) -> tuple[Problem, Runner | None]:
     one = single_problem(dataclasses.replace(setup, inner_loss=shard.inner_loss, outer=outer))
     problem = dataclasses.replace(one, batch_at=shard.batch_at, agree=ranks.any, total=shard.total)
     how = setup.method
-    if how is None or isinstance(how, Forward) or "aux" not in setup.targets:
-        return problem, None
-    # The gradients of params and hyperparams are whole on every rank: dim 0 keeps them as
-    # they are (a client dimension, in the clients' terms); aux's are summed.
-    return problem, AcrossRanks(how, ranks, {"aux": None, "hyperparams": 0, "params": 0})
+    runner = None if how is None else Completed(how, ranks, forward=isinstance(how, Forward))
+    return problem, runner
+
+
+class Completed:
+    """A method on the data-parallel problem, then what is each rank's share summed, in one
+    all-reduce: the outer value, and the gradients that are shares (see the module docstring).
+
+    Every rank backpropagates its own share of the outer loss, so the value and ``aux``'s
+    gradient are shares; the gradients of the params and hyperparameters are whole already
+    (``shared`` summed their cotangents). In forward mode every output is the share of the
+    rank's outer loss: all of them are summed.
+    """
+
+    def __init__(self, method: Any, ranks: Ranks, *, forward: bool) -> None:
+        self.method, self.ranks, self.forward = method, ranks, forward
+
+    def evaluations(self, problem: Problem) -> int:
+        return self.method.evaluations(problem)
+
+    def __call__(self, problem: Problem) -> Any:
+        result = self.method(problem)
+        shares = ("aux", "hyperparams", "params") if self.forward else ("aux",)
+        trees = {"value": result.value, **{k: result.grads[k] for k in shares if k in result.grads}}
+        summed = sum_shared(self.ranks, trees, dict.fromkeys(trees))
+        value = summed.pop("value")
+        return result._replace(value=value, grads={**result.grads, **summed})
