@@ -31,7 +31,9 @@ import test_implicit as timplicit
 import test_modules as tmodules
 import test_optim as toptim_sweep
 import test_optim_torch as toptim
+import test_parallel as tparallel
 import test_ranks as tranks
+from _parallel_worker import ON_DEVICE as DATA_PARALLEL_ON_DEVICE
 from _ranks_worker import ON_DEVICE
 
 F64 = torch.float64
@@ -333,6 +335,19 @@ def test_process_groups_on_device_equal_one_process(tmp_path, backend, world):
     results = tranks.Launch(world, "on_device", tmp_path, timeout=180, env=env).results()
     for rank, got in enumerate(results):
         for check in ON_DEVICE:
+            assert got.get(check) == "ok", f"rank {rank}, {check}: {got.get(check, got.get('log'))}"
+
+
+@pytest.mark.parametrize(("backend", "world"), [("nccl", 1), ("gloo", 2)])
+def test_data_parallel_on_device_equals_one_process(tmp_path, backend, world):
+    if DEVICE == "cpu":  # the CPU smoke check: gloo, as test_parallel.py runs it
+        backend = "gloo"
+    env = {"HG_TEST_BACKEND": backend, "HG_TEST_DEVICE": DEVICE}
+    launch = tranks.Launch(
+        world, "on_device", tmp_path, timeout=180, env=env, worker=tparallel.WORKER
+    )
+    for rank, got in enumerate(launch.results()):
+        for check in DATA_PARALLEL_ON_DEVICE:
             assert got.get(check) == "ok", f"rank {rank}, {check}: {got.get(check, got.get('log'))}"
 
 

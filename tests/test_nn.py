@@ -292,3 +292,14 @@ def test_unstack_errors():
         hg.unstack({"s": torch.tensor(1.0)})
     with pytest.raises(ValueError, match=r"leading \(client\) dimension; got no leaves"):
         hg.unstack({})
+
+
+def test_a_compiled_module_stands_for_the_module_it_compiles():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    compiled = torch.compile(model)  # compiles nothing until called
+    params, buffers = hg.split(compiled)
+    assert (list(params), list(buffers)) == tuple(list(t) for t in hg.split(model))
+    x = torch.randn(4, 3)
+    torch.testing.assert_close(hg.call(compiled, params, x), hg.call(model, params, x))
+    hg.load(compiled, hg.tree.zeros_like(params))
+    assert model[0].weight.abs().sum() == 0

@@ -38,7 +38,13 @@ class Launch:
     """The worker started on ``world`` ranks (output to files, so no pipe can fill and block)."""
 
     def __init__(
-        self, world: int, mode: str, tmp: Path, timeout: float, env: dict[str, str] | None = None
+        self,
+        world: int,
+        mode: str,
+        tmp: Path,
+        timeout: float,
+        env: dict[str, str] | None = None,
+        worker: Path = WORKER,
     ) -> None:
         env = {
             **os.environ,
@@ -49,15 +55,16 @@ class Launch:
             "OMP_NUM_THREADS": "1",
             "HG_TEST_TIMEOUT": str(timeout / 4),
         }
-        self.outs = [tmp / f"{mode}-{world}-{r}.json" for r in range(world)]
-        self.logs = [tmp / f"{mode}-{world}-{r}.log" for r in range(world)]
+        name = f"{worker.stem}-{mode}-{world}"
+        self.outs = [tmp / f"{name}-{r}.json" for r in range(world)]
+        self.logs = [tmp / f"{name}-{r}.log" for r in range(world)]
         self.timeout = timeout
         self.procs = []
         for r in range(world):
             with open(self.logs[r], "w") as log:
                 self.procs.append(
                     subprocess.Popen(
-                        [sys.executable, str(WORKER), str(self.outs[r]), mode],
+                        [sys.executable, str(worker), str(self.outs[r]), mode],
                         env={**env, "RANK": str(r)},
                         stdout=log,
                         stderr=subprocess.STDOUT,

@@ -157,6 +157,8 @@ class Setup:
     computed: _hyper.Computed | None = None
     report: tuple[str, ...] = ()
     watched: tuple[tuple[str, torch.Tensor, int], ...] = ()
+    outer_batch: Any = None
+    process_group: Any = None
 
     @property
     def has_buffers(self) -> bool:
@@ -210,6 +212,7 @@ def set_up(
     outer_loss: Callable[..., Any] | None = None,
     outer_batch: Any = None,
     clients: Clients | None = None,
+    process_group: Any = None,
 ) -> Setup:
     """Check a public call's arguments and normalise them into a ``Setup`` (the front door).
 
@@ -271,6 +274,8 @@ def set_up(
         computed=computed,
         report=report,
         watched=watch(aux),
+        outer_batch=outer_batch,
+        process_group=process_group,
     )
     if outer_loss is None:
         return setup
@@ -479,6 +484,8 @@ def trajectory(setup: Setup, problem: Problem) -> Trajectory:
     setup.source.verify()  # the last batch handed out: unchanged (see Batches.at)
     unchanged(setup.watched)  # and aux (the copy every step saw)
     stacked = torch.stack(losses)
+    if problem.total is not None:  # over processes: each one's share of the losses, summed
+        stacked = problem.total(stacked)
     if setup.check_finite and not in_functorch_transform():
         final = [x for x in _tree.leaves(carry.params) if isinstance(x, torch.Tensor)]
         if _anywhere(problem, not all_finite(stacked, *final)):

@@ -38,6 +38,7 @@ def hypergrad(
     check_finite: bool = True,
     compile: bool | str | Compile = False,
     clients: Clients | None = None,
+    process_group: Any = None,
 ) -> Hypergradient:
     """The gradient of ``outer_loss(params_K, aux, outer_batch)`` through K optimizer steps.
 
@@ -104,6 +105,17 @@ def hypergrad(
         clients: ``hg.Clients(...)`` differentiates C stacked client models trained at once
             (vmapped), in federated rounds; ``outer_loss`` then receives the aggregate of their
             final params. See [`hg.Clients`][hypergrad.Clients].
+        process_group: a ``torch.distributed`` process group for one model, data parallel (with
+            ``clients=``, pass it to ``hg.Clients`` instead): every rank passes the same
+            ``params``, ``state``, ``aux`` and hyperparameters, and its own shard of every inner
+            batch and of ``outer_batch``. The losses are taken to be means over the rank's
+            shard; the global loss is the mean over every rank's examples, so a rank's share is
+            weighted by its number of examples (the leading dimension of its batch's first
+            tensor, the same at every step; a batch without tensors counts as one). Each step's
+            inner gradient is all-reduced, differentiably, and every rank returns what one
+            process holding the whole batches returns, for every method. Buffers stay each
+            rank's own (as with ``DistributedDataParallel``). See the concepts page "Many
+            processes".
 
     Returns:
         ``Hypergradient(value, aux, hyperparams, params, solver, trajectory)``: the outer
@@ -161,6 +173,6 @@ def hypergrad(
         >>> g.aux["log_lr"].shape, g.trajectory.losses.shape
         (torch.Size([]), torch.Size([5]))
     """
-    with entered("hg.hypergrad"), across_ranks(clients):
+    with entered("hg.hypergrad"), across_ranks(clients, process_group):
         setup = set_up(**locals())  # every argument, by name: the front door checks them all
         return differentiate(setup, *problem_of(setup))

@@ -8,6 +8,13 @@ description of the computation: nothing here changes it except [`load`][hypergra
 Keys are exactly the names of ``named_parameters()`` / ``named_buffers()``. A parameter that is
 shared by two submodules (tied weights) appears once, under its first name, and ``call`` uses
 the tensor you pass for every place it is tied to.
+
+A module from a user's training code is taken as it comes: one wrapped in
+``DistributedDataParallel`` or compiled by ``torch.compile`` stands for the module it wraps
+(``model.module``, ``model._orig_mod``), whose names the keys are, and which ``call`` runs
+eagerly (hypergrad's own ``process_group=`` does what DDP's all-reduce does, visibly to
+autograd). A sharded module (FSDP, or DTensor parameters) is refused: every function here needs
+the whole tensors.
 """
 
 from __future__ import annotations
@@ -53,9 +60,39 @@ def split(module: nn.Module, /) -> tuple[Params, Params]:
         _check_module(
             module, "params, buffers = hg.split(model) (for a list of models, hg.stack(models))"
         )
+        module = _whole(_inner(module))
     params = {k: v.detach().clone() for k, v in module.named_parameters()}
     buffers = {k: v.detach().clone() for k, v in module.named_buffers()}
     return params, buffers
+
+
+def _inner(module: nn.Module) -> nn.Module:
+    """The module a ``DistributedDataParallel`` wrapper or ``torch.compile`` holds (else itself)."""
+    while True:
+        if isinstance(module, nn.parallel.DistributedDataParallel):
+            module = module.module
+        elif type(module).__name__ == "OptimizedModule" and hasattr(module, "_orig_mod"):
+            module = getattr(module, "_orig_mod")  # noqa: B009 - an attribute torch sets
+        else:
+            return module
+
+
+def _whole(module: nn.Module) -> nn.Module:
+    """``module``, unless it is sharded (FSDP, DTensor parameters): raise naming what works."""
+    sharded = type(module).__name__ == "FullyShardedDataParallel" or any(
+        type(x).__name__ == "DTensor" or type(getattr(x, "data", None)).__name__ == "DTensor"
+        for x in (*module.parameters(), *module.buffers())
+    )
+    if sharded:
+        raise TypeError(
+            f"{caller()}: the module is sharded ({type(module).__name__}, with DTensor or "
+            "flattened FSDP parameters): hypergrad needs every tensor whole on each process. "
+            "Supported: one full copy of the model on every rank, with each rank's shard of "
+            "the data (hg.hypergrad(..., process_group=group)), or the module as it is before "
+            "DistributedDataParallel or torch.compile wraps it. Pass the model before "
+            "fully_shard / FSDP / distribute_tensor."
+        )
+    return module
 
 
 def _check_module(module: Any, fix: str) -> None:
@@ -146,6 +183,7 @@ def call(
     """
     with entered("hg.call"):
         _check_module(module, "hg.call(model, params, x)")
+        module = _inner(module)
         tied = _check_known_keys(module, params, buffers)
     # Copies of every buffer: a forward that updates one in place (BatchNorm in train mode)
     # changes neither the module nor the caller's dict, whichever keys were given.
@@ -274,20 +312,21 @@ def load(
     """
     with entered("hg.load"):
         _check_module(module, "hg.load(model, params)")
+        inner = _whole(_inner(module))
         fix = "Pass the dicts from hg.split(model)."
         _check_dict(params, "params", fix)
         if buffers is not None:
             _check_dict(buffers, "buffers", fix)
-    own_params = dict(module.named_parameters())
-    own_buffers = dict(module.named_buffers())
-    aliases = _aliases(module)
+    own_params = dict(inner.named_parameters())
+    own_buffers = dict(inner.named_buffers())
+    aliases = _aliases(inner)
     problems = _mismatches("params", own_params, params, aliases)
     if buffers is not None:
         problems += _mismatches("buffers", own_buffers, buffers, {})
     if problems:
         listing = "\n".join(f"  - {p}" for p in problems)
         raise ValueError(
-            f"hg.load: the tree does not fit {type(module).__name__} "
+            f"hg.load: the tree does not fit {type(inner).__name__} "
             f"({len(problems)} problem(s)):\n{listing}\n"
             "Pass dicts made by hg.split of a module with the same architecture, or fix the "
             "keys listed above."

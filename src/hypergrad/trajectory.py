@@ -32,6 +32,7 @@ def unroll(
     check_finite: bool = True,
     compile: bool | str | Compile = False,
     clients: Clients | None = None,
+    process_group: Any = None,
 ) -> Trajectory:
     """Run K differentiable optimizer steps of ``inner_loss`` and return the ``Trajectory``.
 
@@ -80,6 +81,14 @@ def unroll(
             federated rounds: see [`hg.Clients`][hypergrad.Clients]. ``params`` then holds the
             clients' stacked params and the result their stacked values after the last local
             step (not aggregated), with ``losses`` of shape ``(rounds * K, C)``.
+        process_group: a ``torch.distributed`` process group for one model, data parallel, as
+            in [`hg.hypergrad`][hypergrad.hypergrad]: every rank passes the same params and its
+            own shard of every batch, and gets the trajectory (and ``losses``, the global
+            batch's) of one process holding the whole batches. To differentiate the result
+            yourself, backpropagate the same outer loss on every rank: each rank then gets
+            the whole gradient with respect to ``params`` and the hyperparameters, but only
+            its share of the part of ``aux``'s that flows through the steps (sum that over the
+            ranks). [`hg.hypergrad`][hypergrad.hypergrad] does all of this for you.
 
     Returns:
         A [`Trajectory`][hypergrad.trajectory.Trajectory] ``(params, state, buffers, losses)`` with
@@ -104,6 +113,6 @@ def unroll(
         >>> traj.params["w"], traj.losses
         (tensor([0.8750]), tensor([1.0000, 0.2500, 0.0625]))
     """
-    with entered("hg.unroll"), across_ranks(clients):
+    with entered("hg.unroll"), across_ranks(clients, process_group):
         setup = set_up(**locals())  # every argument, by name: the front door checks them all
         return trajectory(setup, problem_of(setup)[0])

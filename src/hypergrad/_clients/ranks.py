@@ -62,6 +62,8 @@ __all__ = [
     "fedavg_share",
     "fingerprint_hash",
     "same_call",
+    "same_call_weights",
+    "shared",
     "spanning",
     "sum_ranks",
     "sum_shared",
@@ -73,9 +75,9 @@ class RankFailure(RuntimeError):
 
 
 # A status exchange's row, one per rank: whether the rank failed, the finite check's vote, and,
-# in a call's first exchange, its fingerprint's hash (128 bits), its client weight (a float64's
-# bits), its seed, and whether it needs the full fingerprints gathered (a seed beyond int64).
-_COLUMNS = ("failed", "flag", "hash_hi", "hash_lo", "weight", "seed", "detail")
+# in a call's first exchange, its fingerprint's hash (128 bits), its weights (client weight, or
+# the examples of its inner and outer batches: float64 bits), its seed, and whether it needs the full fingerprints gathered (a seed beyond int64).
+_COLUMNS = ("failed", "flag", "hash_hi", "hash_lo", "weight", "weight2", "seed", "detail")
 
 
 @dataclasses.dataclass
@@ -321,6 +323,62 @@ def sum_ranks(ranks: Ranks, tree: PyTree, *, spread: bool = False) -> PyTree:
     return optree.tree_unflatten(spec, out)
 
 
+class _Shared(torch.autograd.Function):
+    """The identity on a value every rank holds alike, whose cotangent is summed over ranks.
+
+    Each rank differentiates its own share of a sum over ranks (its shard's loss), so the
+    cotangent that reaches a shared input is that rank's share; the backward all-reduces it
+    (``_SumRanks``, itself differentiable: a double backward passes its cotangent through), so
+    every rank holds the whole cotangent. Forward mode: the tangent is the same on every rank,
+    passed through unchanged.
+    """
+
+    @staticmethod
+    def forward(ranks: Ranks, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(x.view_as(x) for x in xs)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: Any) -> None:
+        ctx.ranks = inputs[0]
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor) -> tuple:
+        return (None, *_SumRanks.apply(ctx.ranks, False, *grads))
+
+    @staticmethod
+    def jvp(ctx: Any, _ranks: Any, *tangents: torch.Tensor) -> tuple:
+        return tuple(tangents)
+
+    @staticmethod
+    def vmap(info: Any, in_dims: tuple, ranks: Ranks, *xs: torch.Tensor) -> tuple:
+        return tuple(x.view_as(x) for x in xs), tuple(in_dims[1:])
+
+
+def shared(ranks: Ranks, tree: PyTree) -> PyTree:
+    """``tree`` unchanged, its floating-point leaves' cotangents summed over the ranks.
+
+    For a value every rank holds alike (the params of data parallelism) and each rank uses in
+    its own share of a sum over ranks: the backward pass gives every rank the whole gradient.
+
+    Examples:
+        >>> class One:  # a group of one rank: the sum over ranks is the value itself
+        ...     rank, size = 0, 1
+        ...     def sum(self, xs):
+        ...         return [x.detach().clone() for x in xs]
+        >>> w = torch.tensor(3.0, requires_grad=True)
+        >>> torch.autograd.grad(2 * shared(One(), {"w": w})["w"], w)[0]
+        tensor(2.)
+    """
+    flat, spec = optree.tree_flatten(tree, namespace=_tree._NAMESPACE)
+    floats = [i for i, x in enumerate(flat) if x.is_floating_point()]
+    if not floats:
+        return tree
+    out = list(flat)
+    for i, x in zip(floats, _Shared.apply(ranks, *(flat[i] for i in floats))):
+        out[i] = x
+    return optree.tree_unflatten(spec, out)
+
+
 def counted_once(tree: PyTree, dims: Any, ranks: Ranks) -> PyTree:
     """``tree`` unchanged, with the gradient of its shared leaves divided by the number of ranks.
 
@@ -378,28 +436,51 @@ def same_call(
     ``fingerprint`` names what must agree (K, rounds, the method, the structure of the params
     ...); ``weight`` is this rank's client count, or the sum of its FedAvg weights. Every rank
     takes rank 0's ``seed``, so that random numbers in the outer loss (the same computation on
-    every rank) are the same. One status exchange carries each rank's hash of its fingerprint,
-    weight and seed; only where the hashes differ (or a seed is beyond int64) are the
-    fingerprints gathered, to name what differs.
+    every rank) are the same. See ``same_call_weights``.
+    """
+    totals, seed = same_call_weights(ranks, fingerprint, (weight, 0.0), seed)
+    return totals[0], seed
+
+
+_CLIENTS_MAY_DIFFER = "only the number of clients and their data may differ"
+
+
+def same_call_weights(
+    ranks: Ranks,
+    fingerprint: dict[str, str],
+    weights: tuple[float, float],
+    seed: int,
+    may_differ: str = _CLIENTS_MAY_DIFFER,
+) -> tuple[tuple[float, float], int]:
+    """``same_call`` with two weights per rank: their totals over the ranks, and rank 0's seed.
+
+    One status exchange carries each rank's hash of its fingerprint, weights and seed; only
+    where the hashes differ (or a seed is beyond int64) are the fingerprints gathered, to name
+    what differs (``may_differ`` ends the message: what the ranks may pass differently).
     """
     fits = -(2**63) <= seed < 2**63
     hi, lo = fingerprint_hash(fingerprint)
     rows = ranks.exchange(
-        hash_hi=hi, hash_lo=lo, weight=_float_bits(weight), seed=seed if fits else 0,
-        detail=int(not fits),
+        hash_hi=hi, hash_lo=lo, weight=_float_bits(weights[0]), weight2=_float_bits(weights[1]),
+        seed=seed if fits else 0, detail=int(not fits),
     )  # fmt: skip
     column = {name: [row[i] for row in rows] for i, name in enumerate(_COLUMNS)}
     hashes = set(zip(column["hash_hi"], column["hash_lo"]))
     if len(hashes) == 1 and not any(column["detail"]):
-        return sum(_bits_float(b) for b in column["weight"]), column["seed"][0]
-    return _same_call_gathered(ranks, fingerprint, weight, seed)
+        totals = tuple(sum(_bits_float(b) for b in column[c]) for c in ("weight", "weight2"))
+        return (totals[0], totals[1]), column["seed"][0]
+    return _same_call_gathered(ranks, fingerprint, weights, seed, may_differ)
 
 
 def _same_call_gathered(
-    ranks: Ranks, fingerprint: dict[str, str], weight: float, seed: int
-) -> tuple[float, int]:
+    ranks: Ranks,
+    fingerprint: dict[str, str],
+    weights: tuple[float, float],
+    seed: int,
+    may_differ: str,
+) -> tuple[tuple[float, float], int]:
     """``same_call`` by gathering every rank's fingerprint: names what differs, if anything."""
-    everyone = ranks.gather((fingerprint, float(weight), int(seed)))
+    everyone = ranks.gather((fingerprint, tuple(map(float, weights)), int(seed)))
     differ = []
     for key, mine in fingerprint.items():
         values = [fp.get(key) for fp, _, _ in everyone]
@@ -410,10 +491,10 @@ def _same_call_gathered(
         raise RankFailure(
             f"{caller()}: the ranks of the process group made different calls, so every rank "
             f"stops before the first step. {'; '.join(differ)}. Every rank must pass the same "
-            "method, wrt, steps, rounds and options, and params of the same structure (only "
-            "the number of clients and their data may differ)."
+            f"method, wrt, steps, rounds and options, and params of the same structure "
+            f"({may_differ})."
         )
-    return sum(w for _, w, _ in everyone), everyone[0][2]
+    return (sum(w[0] for _, w, _ in everyone), sum(w[1] for _, w, _ in everyone)), everyone[0][2]
 
 
 def fingerprint_hash(fingerprint: dict[str, str]) -> tuple[int, int]:

@@ -82,6 +82,9 @@ class Problem:
             holds in any of them (every process calls it at the same point); ``None`` for one
             process. The finite check uses it so that every process replays together; where
             it finds no flag, the processes return right after it (the call's last exchange).
+        total: for a problem spread over processes whose step losses are each process's
+            share (data parallel), ``total(losses)`` sums them over the processes (``hg.unroll``
+            reports the sum); ``None``: the losses are whole.
     """
 
     step: StepFn
@@ -103,6 +106,7 @@ class Problem:
     condition: Condition | None = None
     in_place: bool = False
     agree: Callable[[bool], bool] | None = None
+    total: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def inputs(self) -> dict[str, PyTree]:
         """The trees to differentiate, keyed ``"aux"`` / ``"hyperparams"`` / ``"params"``."""
