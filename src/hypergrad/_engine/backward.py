@@ -146,7 +146,8 @@ def _micro_vjp(
 ) -> tuple[Grads, torch.Tensor, torch.Tensor | None]:
     """The micro-batched backward of one step (module docstring). Also returns the step's
     loss and how far the micro-batches' inner gradient is from the whole batch's (relative,
-    max norm; ``None`` when no cotangent reached the inner gradient)."""
+    max norm; ``None`` when no cotangent reached the inner gradient). ``cotangent`` is
+    consumed: the list is emptied once the update's backward has used it."""
     params, state, buffers = opened.carry
     p_leaves, spec = optree.tree_flatten(params, namespace=_tree._NAMESPACE)
     with torch.enable_grad():
@@ -161,11 +162,16 @@ def _micro_vjp(
         out = select(Carry(new_params, new_state, buffers), opened.positions)
         through = grad_or_none(out, wrt + g_in, cotangent)
         del new_params, new_state, out, g_in  # the update's outputs: not kept through the slices
+        if cotangent is not None:
+            cotangent.clear()  # consumed (the caller hands it over): not kept through the slices
     grads, v = through[: len(wrt)], through[len(wrt) :]
     if all(x is None for x in v):
         return grads, loss.detach(), None
-    # 3. the inner gradient's backward, slice by slice: H v and the mixed aux term
-    total = [torch.zeros_like(x) for x in g]
+    # 3. the inner gradient's backward, slice by slice: H v and the mixed aux term; what the
+    # slices' gradients leave of the whole batch's is kept to check that they add up to it
+    scale = torch.stack([x.abs().max() for x in g if x.numel()] or [torch.ones(())]).max()
+    rest = [x.detach().clone() for x in g]
+    del g, found
     for piece, weight in split_batch(batch, pieces):
         with torch.enable_grad():
             part = _piece_loss(parts, params, aux, piece, buffers, pieces)
@@ -173,11 +179,12 @@ def _micro_vjp(
             used = [(x, vi) for x, vi in zip(gi, v) if x is not None]
             second = grad_or_none([x for x, _ in used], wrt, [vi for _, vi in used])
         grads = [_add(a, b) for a, b in zip(grads, second)]
-        for t, x in zip(total, gi):
+        for r, x in zip(rest, gi):
             if x is not None:
-                t.add_(x.detach())
+                r.sub_(x.detach())
         del part, gi, used, second
-    return grads, loss.detach(), _relative_gap(total, g)
+    gap = torch.stack([r.abs().max() for r in rest if r.numel()] or [torch.zeros(())]).max()
+    return grads, loss.detach(), gap / scale.clamp_min(torch.finfo(scale.dtype).tiny)
 
 
 def _piece_loss(
@@ -194,16 +201,6 @@ def _piece_loss(
             "micro_batches=1."
         ) from error
     return loss
-
-
-def _relative_gap(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor | None:
-    """``max|a - b| / max|b|`` over all leaves, as a 0-d tensor (no device sync)."""
-    pairs = [(x, y) for x, y in zip(a, b) if y.numel()]
-    if not pairs:
-        return None
-    diff = torch.stack([(x - y).abs().max() for x, y in pairs]).max()
-    scale = torch.stack([y.abs().max() for _, y in pairs]).max()
-    return diff / scale.clamp_min(torch.finfo(scale.dtype).tiny)
 
 
 def _add(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:

@@ -134,10 +134,10 @@ class _Executor:
         problem = self.problem
         opened = open_carry(self.carry_at(start), self.diff_buffers)
         if stop == start + 1:
+            handed, self.cotangent = self.cotangent, None  # a micro-batched backward frees it
             cot, extra, value, gap = unit_vjp(
-                problem, start, opened, self.aux, self.hp, self.extra, self.cotangent,
-                pieces=self.pieces,
-            )  # fmt: skip
+                problem, start, opened, self.aux, self.hp, self.extra, handed, pieces=self.pieces
+            )
             if start == problem.steps:
                 self.value, self.final = value, self.carry_at(start)
             else:
