@@ -132,6 +132,8 @@ class Setup:
     hyper_names: tuple[str, ...] = ()
     outer: Callable[[PyTree, PyTree, PyTree], torch.Tensor] | None = None
     clients: Clients | None = None
+    outer_loss: Callable[..., Any] | None = None  # as passed (tasks bind each client's batch)
+    outer_batch: Any = None  # a copy of the caller's
 
     @property
     def has_buffers(self) -> bool:
@@ -238,7 +240,7 @@ def set_up(
     outer = outer_fn(
         outer_loss, outer_batch, buffers is not None, math_attention=setup.math_attention
     )
-    return dataclasses.replace(setup, outer=outer)
+    return dataclasses.replace(setup, outer=outer, outer_loss=outer_loss, outer_batch=outer_batch)
 
 
 def _check_seed(seed: Any) -> None:
