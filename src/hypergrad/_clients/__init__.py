@@ -4,8 +4,10 @@
 clients (the engine's step vmapped over them, in federated rounds) and, where the hypergradient
 is taken chunk by chunk, the runner that does it. Modules: ``vmap`` (vmap over trees with
 ``None`` leaves), ``dims`` (``in_dims`` and the client count), ``step`` (the stacked step),
-``aggregation`` (FedAvg, broadcast), ``federation`` (the transform), ``chunks`` (reverse mode
-chunk by chunk), ``ranks`` (many processes: collectives, faults).
+``aggregation`` (FedAvg, broadcast), ``federation`` (the transform), ``tasks`` (one outer
+loss per client, ``outer="each"``), ``norms`` (affine norms as elementary ops under the vmapped
+inner gradient, where torch's rule is wrong), ``chunks`` (reverse mode chunk by chunk),
+``ranks`` (many processes: collectives, faults).
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ from hypergrad import tree as _tree
 from hypergrad._boundary import caller, entered, positive_int
 from hypergrad._clients.aggregation import broadcast, fedavg
 from hypergrad._clients.dims import count_clients, resolve_in_dims
+from hypergrad._clients.norms import exact_norms
 from hypergrad._clients.ranks import (
     Ranks,
     check_process_group,
@@ -303,9 +304,14 @@ class Federation:
         dims = (self.dims["aux"], self.dims["hyperparams"], self.dims["batches"])
         options = {"randomness": self.clients.randomness, "chunk_size": self.clients.chunk_size}
         each = vmap_trees(lambda p, b, a, h, x: (one.residual(p, b, a, h, x),), 2, dims, **options)
+
+        def residual(p: PyTree, b: PyTree, a: PyTree, h: Any, x: Any) -> PyTree:
+            with exact_norms():  # differentiated again (H v): torch's affine norms are wrong
+                return each(p, b, a, h, x)[0]
+
         return dataclasses.replace(
             one,
-            residual=lambda p, b, a, h, x: each(p, b, a, h, x)[0],
+            residual=residual,
             start=lambda params: self.spread(params, "params"),
         )
 
