@@ -235,3 +235,43 @@ def test_a_task_outer_loss_that_is_not_a_scalar_is_named():
         hg.hypergrad(lambda p, a, b: p["v"] * 1.0, inner, prob["params"], hg.optim.sgd(lr=0.1),
                      prob["batches"], prob["outer_batch"], aux=prob["aux"],
                      clients=hg.Clients(in_dims={"params": None}, outer="each"))  # fmt: skip
+
+
+@pytest.mark.parametrize("method", ["reverse", "forward"])
+def test_tasks_with_batchnorm_buffers_equal_the_mean(method):
+    # Each task's outer loss sees its own final buffers; the affine BatchNorm's running
+    # statistics are carried through the vmapped step (its elementary-op rewrite with "func").
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Tanh(),
+                                torch.nn.Linear(4, 1)).double()  # fmt: skip
+    params, buffers = hg.split(model)
+
+    def bn_inner(p, a, b, buf):
+        out, new = hg.call(model, p, b[0], buffers=buf, return_buffers=True)
+        return ((out - b[1]) ** 2).mean() + a * hg.tree.vdot(p, p), new
+
+    def bn_outer(p, a, b, buf):
+        fit = ((hg.call(model, p, b[0], buffers=buf) - b[1]) ** 2).mean()
+        return fit + (buf["1.running_mean"] ** 2).sum()
+
+    g = torch.Generator().manual_seed(3)
+    X, Y = (
+        torch.randn(3, C, 6, 3, generator=g, dtype=F64),
+        torch.randn(3, C, 6, 1, generator=g, dtype=F64),
+    )
+    Xo, Yo = (
+        torch.randn(C, 5, 3, generator=g, dtype=F64),
+        torch.randn(C, 5, 1, generator=g, dtype=F64),
+    )
+    common = dict(aux=torch.tensor(0.1, dtype=F64), buffers=buffers, method=method,
+                  wrt=("aux", "params"))  # fmt: skip
+    opt = hg.optim.sgd(lr=0.1)
+    tasks = hg.hypergrad(bn_outer, bn_inner, params, opt, (X, Y), (Xo, Yo), inner_grad="func",
+                         clients=hg.Clients(in_dims={"params": None, "buffers": None},
+                                            outer="each"), **common)  # fmt: skip
+    each = [
+        hg.hypergrad(bn_outer, bn_inner, params, opt, (X[:, c], Y[:, c]), (Xo[c], Yo[c]), **common)
+        for c in range(C)
+    ]
+    mean = hg.tree.map(lambda *v: sum(v) / C, *[(e.aux, e.params) for e in each])
+    assert_tree_close((tasks.aux, tasks.params), mean)

@@ -113,6 +113,17 @@ class Clients:
         ...                  clients=hg.Clients(in_dims={"params": None}))
         >>> round(g.aux.item(), 4)
         0.0114
+
+        As tasks: each client should match its own target plus 0.5 (the outer batch has a
+        leading task dimension), and the value is the mean of the three clients' own losses;
+        each has moved ``1 - 0.8**5 = 0.672`` of the way, so all are short:
+
+        >>> own = torch.tensor([[0.5], [1.5], [2.5]])
+        >>> g = hg.hypergrad(outer, inner, {"w": torch.zeros(1)}, hg.optim.sgd(lr=0.1), targets,
+        ...                  own, aux=torch.tensor([0.5]),
+        ...                  clients=hg.Clients(in_dims={"params": None}, outer="each"))
+        >>> round(g.value.item(), 4), round(g.aux.item(), 4)
+        (0.3132, -0.6609)
     """
 
     in_dims: Mapping[str, Any] | None = None
