@@ -48,8 +48,8 @@ def test_directions_beyond_the_budget_are_chunked_and_equal_reverse(monkeypatch)
     monkeypatch.setattr(forward, "plan", spy_plan)
     monkeypatch.setattr(forward, "_push", spy_push)
     hg.hypergrad(*args, **kw, method="forward")
-    directions, per_direction, budget = seen[0]
-    assert directions == 38 and 0 < per_direction < budget
+    directions, per_direction, budget, chunk = seen[0]
+    assert directions == 38 and 0 < per_direction < budget and chunk is None
     assert pushes == [2, 1, 38]  # the measurement (two directions, one), then all at once
     pushes.clear()
     g = hg.hypergrad(*args, **kw, method=hg.Forward(memory=10 * per_direction))
@@ -72,10 +72,28 @@ def test_one_direction_beyond_the_budget_is_refused_with_the_estimate_and_the_wa
         hg.hypergrad(*args, **kw, method=hg.Forward(memory=1))
 
 
-def test_an_explicit_chunk_size_and_few_directions_skip_the_measurement(monkeypatch):
+def test_an_explicit_chunk_size_beyond_the_free_memory_is_refused_with_the_chunk_that_fits(
+    monkeypatch,
+):
+    args, kw = mlp_problem()
+    seen = []
+    real_plan = forward.plan
+    monkeypatch.setattr(forward, "plan", lambda *a: seen.append(a) or real_plan(*a))
+    hg.hypergrad(*args, **kw, method=hg.Forward(chunk_size=16))
+    per_direction = seen[0][1]
+    with pytest.raises(
+        MemoryError,
+        match=r"hg\.hypergrad\(method='forward'\): hg\.Forward\(chunk_size=16\) pushes 16 of the "
+        r"38 tangent directions at once, about .* GiB \(.* GiB each\), more than the .* GiB "
+        r"free\. Pass hg\.Forward\(chunk_size=5\) \(or chunk_size=None: forward mode then "
+        r"chunks the directions to fit\), or use method='reverse'\.",
+    ):
+        hg.hypergrad(*args, **kw, method=hg.Forward(chunk_size=16, memory=5 * per_direction))
+
+
+def test_few_directions_skip_the_measurement(monkeypatch):
     args, kw = mlp_problem()
     monkeypatch.setattr(forward, "plan", lambda *a: pytest.fail("measured"))
-    hg.hypergrad(*args, **kw, method=hg.Forward(chunk_size=16, memory=1))
     hg.hypergrad(*args, aux=kw["aux"], wrt=("aux", "lr"), method=hg.Forward(memory=1))
 
 
@@ -83,6 +101,9 @@ def test_plan_and_measure():
     assert plan(10_000, 2**20, 2**30) == 1024
     assert plan(5, 2**20, 2**30) == 5
     assert plan(5, 2**20, 2**20 + 1) == 1
+    assert plan(10_000, 2**20, 2**30, chunk_size=2048) == 2048  # all of the free memory
+    with pytest.raises(MemoryError, match=r"chunk_size=2049\) pushes 2049 of the 10000"):
+        plan(10_000, 2**20, 2**30, chunk_size=2049)
     x = torch.ones(100, dtype=F64)
     assert measure(lambda: (x * 2) * 3) == 1600  # the first product is freed after the second
     assert measure(lambda: x.view(10, 10)) == 0  # a view owns no memory

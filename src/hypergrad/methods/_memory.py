@@ -111,17 +111,18 @@ def _gib(n: float) -> str:
     return f"{n / _GIB:.3g} GiB"
 
 
-def plan(directions: int, per_direction: int, budget: float) -> int:
-    """Directions per pass: as many as ``budget`` affords (all of them if they fit).
+def plan(directions: int, per_direction: int, budget: float, chunk_size: int | None = None) -> int:
+    """Directions per pass: as many as ``budget`` affords (all if they fit), or ``chunk_size``.
 
     Raises ``MemoryError`` (with the estimate and the way out) when one direction needs more
-    than ``budget``.
+    than ``budget``, or ``chunk_size`` of them more than twice ``budget`` (the budget is half
+    of the free memory by default: an explicit chunk may use all of it).
 
     Examples:
         >>> plan(10_000, 2**20, 2**30)  # 1 MiB a direction, 1 GiB: 1024 at a time
         1024
-        >>> plan(100, 2**20, 2**30)
-        100
+        >>> plan(100, 2**20, 2**30), plan(10_000, 2**20, 2**30, chunk_size=2000)
+        (100, 2000)
     """
     if per_direction > budget:
         raise MemoryError(
@@ -132,4 +133,16 @@ def plan(directions: int, per_direction: int, budget: float) -> int:
             "(method='reverse', or hg.Checkpointed(S) for a long unroll), or raise the budget "
             "with hg.Forward(memory=bytes)."
         )
-    return max(1, min(directions, int(budget // per_direction)))
+    fits = int(budget // per_direction)
+    if chunk_size is None:
+        return max(1, min(directions, fits))
+    pushed = min(chunk_size, directions)
+    if pushed * per_direction > 2 * budget:
+        raise MemoryError(
+            f"{caller()}(method='forward'): hg.Forward(chunk_size={chunk_size}) pushes "
+            f"{pushed} of the {directions} tangent directions at once, about "
+            f"{_gib(pushed * per_direction)} ({_gib(per_direction)} each), more than the "
+            f"{_gib(2 * budget)} free. Pass hg.Forward(chunk_size={fits}) (or chunk_size=None: "
+            "forward mode then chunks the directions to fit), or use method='reverse'."
+        )
+    return chunk_size

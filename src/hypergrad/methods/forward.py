@@ -93,17 +93,18 @@ class Forward(Method):
     torch's to rounding; everywhere else torch's own kernels run. torch's notices about its own
     deprecations, raised inside the jvp, are hidden.
 
-    Memory is estimated before the first pass when ``chunk_size=None`` and there are more than 8
-    directions: one step (and the outer loss) runs with one and with two directions while the
-    live bytes of the tensors they make are tracked; twice the difference of the peaks is the
-    estimate of one more direction (measured 1.6 MB against 1.16 MB of resident memory per
-    direction on a 17k-parameter MLP). The directions are then pushed in chunks that fit the
-    budget (all at once when they fit); if one direction does not fit, ``MemoryError`` says so
-    with the estimate and the way out. The budget is ``memory`` bytes, by default half of what
-    the process has left (on CUDA the device's free memory; on the CPU the system's available
-    memory, or less under an address-space limit, ``RLIMIT_AS``). An explicit ``chunk_size``
-    is used as given, and so is ``None`` over processes (``process_group``: every rank must run
-    the same passes).
+    Memory is estimated before the first pass when there are more than 8 directions: one step
+    (and the outer loss) runs with one and with two directions while the live bytes of the
+    tensors they make are tracked, and twice the difference of the peaks is the estimate of one
+    more direction (on a 17k-parameter MLP: 1.07 MB, against about 0.83 MB of resident memory
+    per direction measured; ``benchmarks/forward_memory.py``). With ``chunk_size=None`` the
+    directions are then pushed in chunks that fit the budget (all at once when they fit). The
+    budget is ``memory`` bytes, by default half of what the process has left (on CUDA the
+    device's free memory; on the CPU the system's available memory, or less under an
+    address-space limit, ``RLIMIT_AS``). ``MemoryError`` says so, with the estimate and the way
+    out, when one direction does not fit the budget, or an explicit ``chunk_size`` needs more
+    than twice the budget (all the free memory by default). Over processes
+    (``process_group``: every rank must run the same passes) nothing is measured.
 
     Cost, with B = chunk_size (default: D, or what the memory budget affords):
 
@@ -190,7 +191,7 @@ class Forward(Method):
         """Directions per pass: measured on one step with one direction, against the budget."""
         size = flat.numel()
         # Over processes every rank must make the same passes (collectives): chunk_size as given.
-        if size <= 8 or self.chunk_size is not None or problem.agree is not None:
+        if size <= 8 or problem.agree is not None:
             return self.chunk_size or size
         one = dataclasses.replace(problem, steps=1, on_step=None, multi=None)
 
@@ -210,7 +211,7 @@ class Forward(Method):
         # basis row and its result.
         per_direction = 2 * max(pushed(2) - pushed(1), 1) + 2 * size * flat.element_size()
         budget = self.memory if self.memory is not None else available(flat.device) / 2
-        return plan(size, per_direction, budget)
+        return plan(size, per_direction, budget, self.chunk_size)
 
     def __repr__(self) -> str:
         if self.memory is not None:
