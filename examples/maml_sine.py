@@ -5,10 +5,11 @@ a few support points; adaptation is ``K`` SGD steps on the support points, and t
 the adapted model's error on query points of the same sine. The initial weights are what the
 hypergradient differentiates (``wrt="params"``).
 
-A meta-batch of tasks runs in one ``hg.hypergrad`` call: the initial weights are copied once per
-task along a new leading dimension, the inner loss is the *sum* of the tasks' losses (so each
-copy's gradient is its own task's gradient), and the hypergradient with respect to the copies,
-summed over the copies, is the meta-gradient with respect to the shared initial weights.
+A meta-batch of tasks runs in one ``hg.hypergrad`` call with ``clients=hg.Clients(outer="each")``:
+every task (a client) starts from the one shared init (``in_dims={"params": None}``), adapts on
+its own support points (batches shaped ``(steps, tasks, points, 1)``), and meets its own query
+points (``outer_batch`` shaped ``(tasks, points, 1)``); the meta-loss is the mean over tasks, and
+the hypergradient with respect to the shared init is the meta-gradient.
 
 Run: ``python examples/maml_sine.py``
 """
@@ -56,24 +57,19 @@ def main(
     init, _ = hg.split(model)
     gen = torch.Generator().manual_seed(seed)
 
-    def mse(params, x, y):
+    def loss(params, aux, batch):  # one task: the model's error on its points
+        x, y = batch
         return ((hg.call(model, params, x) - y) ** 2).mean()
 
-    # Per-task losses on stacked copies of the weights: vmap over the task dimension.
-    task_losses = torch.func.vmap(mse)
-
-    def inner_loss(copies, aux, batch):
-        return task_losses(copies, *batch).sum()
-
-    def outer_loss(copies, aux, batch):
-        return task_losses(copies, *batch).mean()
-
     inner_opt = hg.optim.sgd(lr=inner_lr)
+    tasks = hg.Clients(in_dims={"params": None}, outer="each")  # one shared init, task losses
 
     def adapt(params, batch, n_steps=steps):
-        n = batch[0].shape[0]
         batches = tuple(t.expand(n_steps, *t.shape) for t in batch)  # same support each step
-        return hg.unroll(inner_loss, hg.clients.broadcast(params, n), inner_opt, batches).params
+        return hg.unroll(loss, params, inner_opt, batches, clients=tasks).params
+
+    def task_mean(stacked, batch):  # the mean over tasks of each task's loss
+        return torch.func.vmap(lambda p, x, y: loss(p, None, (x, y)))(stacked, *batch).mean()
 
     meta = init
     meta_opt = hg.optim.adam(lr=meta_lr)
@@ -84,17 +80,17 @@ def main(
         support_batch = (x[:, :support], y[:, :support])
         batches = tuple(t.expand(steps, *t.shape) for t in support_batch)
         g = hg.hypergrad(
-            outer_loss,
-            inner_loss,
-            hg.clients.broadcast(meta, tasks_per_batch),
+            loss,
+            loss,
+            meta,
             inner_opt,
             batches,
-            (x[:, support:], y[:, support:]),
+            (x[:, support:], y[:, support:]),  # each task's own query points
             wrt="params",
+            clients=tasks,
         )
-        meta_losses.append(g.value.item())
-        meta_grad = hg.tree.map(lambda d: d.sum(0), g.params)
-        meta, meta_state = meta_opt.step(meta, meta_grad, meta_state)
+        meta_losses.append(g.value.item())  # the mean over tasks of the query loss
+        meta, meta_state = meta_opt.step(meta, g.params, meta_state)
 
     # New tasks: adapt both initialisations with the same K steps on the same support points.
     amplitude, phase, (x, y) = sample_tasks(test_tasks, support + query, gen)
@@ -102,10 +98,9 @@ def main(
     result = {"meta_loss": meta_losses}
     for name, params in [("maml", meta), ("random_init", init)]:
         adapted = adapt(params, support_batch)
-        result[f"{name}_before"] = outer_loss(
-            hg.clients.broadcast(params, test_tasks), None, query_batch
-        ).item()
-        result[f"{name}_after"] = outer_loss(adapted, None, query_batch).item()
+        before = hg.clients.broadcast(params, test_tasks)
+        result[f"{name}_before"] = task_mean(before, query_batch).item()
+        result[f"{name}_after"] = task_mean(adapted, query_batch).item()
         result[f"{name}_params"] = params
     result["steps"] = steps
     result["model"] = model

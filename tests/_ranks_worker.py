@@ -393,6 +393,34 @@ class Checks:
         close(ours.params, mine(one.params, self.rows), "params")
         close(ours.losses, one.losses[:, self.rows], "losses")
 
+    def tasks_against_one_process(self, method, weights=False, **clients) -> None:
+        """outer="each": every client's own outer batch; the mean over every rank's clients."""
+        a, opt = self.all, hg.optim.sgd(lr=0.1, momentum=0.5)
+        g = torch.Generator().manual_seed(1)
+        x, y = (torch.randn(self.total, *v.shape, generator=g, dtype=v.dtype) for v in a["val"])
+        vals = (x.to(DEVICE), y.to(DEVICE))
+        common = dict(aux=a["aux"], method=method, wrt=("aux", "lr"), seed=0, rounds=R,
+                      outer="each", **clients)  # fmt: skip
+        one = hg.clients.hypergrad(outer, inner, a["params"], opt, a["batches"], vals,
+                                   weights=a["weights"] if weights else None, **common)  # fmt: skip
+        ours = hg.clients.hypergrad(
+            outer, inner, self.local("params"), opt, self.local("batches"),
+            mine(vals, self.rows), process_group=self.group,
+            weights=self.local("weights") if weights else None, **common,
+        )  # fmt: skip
+        close(ours.value, one.value, "value")
+        close(ours.aux, one.aux, "aux")
+        close(ours.hyperparams, one.hyperparams, "hyperparams")
+
+    def tasks(self):
+        self.tasks_against_one_process("reverse")
+
+    def tasks_chunks_weights(self):
+        self.tasks_against_one_process(hg.Checkpointed(2), weights=True, chunk_size=2)
+
+    def tasks_forward(self):
+        self.tasks_against_one_process("forward")
+
     # --- faults: every rank raises, naming the failing rank; none hangs ----------------------
 
     def expect_failure(self, run: Callable[[], object], *needles: str) -> None:
@@ -550,7 +578,7 @@ CHECKS = [
     "reverse", "reverse_adam_weights", "checkpointed", "truncated", "first_order", "chunks",
     "forward", "forward_chunked", "params_stacked", "params_shared", "custom_aggregate",
     "per_client_lr", "buffers", "random_outer_loss", "seed_beyond_int64", "collectives_per_call",
-    "no_reference_kept", "unroll",
+    "no_reference_kept", "unroll", "tasks", "tasks_chunks_weights", "tasks_forward",
     "exception_in_a_loss", "exception_in_a_backward", "nan_in_a_batch", "nan_in_an_unroll",
     "bad_argument_on_one_rank", "different_rounds", "different_method", "different_structure",
     "a_rank_without_clients", "forward_refuses_stacked_inputs", "implicit_refused",

@@ -764,26 +764,3 @@ def test_batches_errors():
         hg.clients.batches(padded, 0)
     with pytest.raises(ValueError, match=r"batch_size must be an int in \[1, 3\]"):
         hg.clients.batches(padded, 2, batch_size=4)
-
-
-@pytest.mark.xfail(strict=True, reason="torch: vmap double backward of an affine norm is wrong")
-@pytest.mark.parametrize("norm", ["batch_norm", "layer_norm"])
-def test_torch_vmap_bug_second_order_through_an_affine_norm(norm):
-    # Under torch.func.vmap the second derivative through batch_norm / layer_norm with a batched
-    # affine weight differs from the unbatched one (torch 2.13). hg.clients documents it; when
-    # torch fixes it this test starts passing and the strict xfail tells us to drop the note.
-    x = torch.randn(6, 4, dtype=torch.float64)
-    w, gamma = (torch.randn(4, dtype=torch.float64, requires_grad=True) for _ in range(2))
-
-    def f(w, gamma):
-        if norm == "batch_norm":
-            z = torch.nn.functional.batch_norm(x * w, None, None, weight=gamma, training=True)
-        else:
-            z = torch.nn.functional.layer_norm(x * w, (4,), weight=gamma)
-        return (z**3).sum()
-
-    one = torch.func.grad(f, argnums=(0, 1))(w, gamma)
-    batched = torch.func.vmap(torch.func.grad(f, argnums=(0, 1)))(w[None], gamma[None])
-    (a,) = torch.autograd.grad(sum(t.sum() for t in one), w)
-    (b,) = torch.autograd.grad(sum(t.sum() for t in batched), w)
-    torch.testing.assert_close(a, b, rtol=1e-10, atol=0)

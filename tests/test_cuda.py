@@ -49,7 +49,12 @@ pytestmark = pytest.mark.skipif(
 )
 
 SGD, ADAM = tcompile.OPTIMIZERS["sgd"], tcompile.OPTIMIZERS["adam"]
-EXACT = {"reverse", "checkpointed", "slots", "forward"}  # Truncated(2) < K = 3 and first_order are biased
+EXACT = {
+    "reverse",
+    "checkpointed",
+    "slots",
+    "forward",
+}  # Truncated(2) < K = 3 and first_order are biased
 
 
 def to_device(tree, device=DEVICE):

@@ -180,12 +180,52 @@ def test_badly_conditioned_neumann_does_not_converge_and_says_so():
                       r"Hessian-vector products \(tol=1e-08\)\. The Neumann series"):  # fmt: skip
         g = hg.hypergrad(opt=hg.optim.sgd(), method=slow, **common)
     assert not g.solver.converged and g.solver.iterations == 50 and g.solver.residual > 0.1
-    with pytest.warns(hg.ImplicitWarning, match="the series diverges"):
+    with pytest.raises(ValueError, match=r"hg\.hypergrad: hg\.Implicit\('neumann', alpha=1\.0\) "
+                       r"diverged after \d+ Hessian-vector products \(the series diverges: "
+                       r"alpha=1 times the Hessian has an eigenvalue outside \(0, 2\); relative "
+                       r"residual .*\), so its partial sum is not the hypergradient\. Leave "
+                       r"alpha=None"):  # fmt: skip
         hg.hypergrad(opt=hg.optim.sgd(), method=hg.Implicit("neumann", alpha=1.0, **off), **common)
     good = hg.hypergrad(opt=hg.optim.sgd(), method=hg.Implicit(tol=1e-12, **off), **common)
     exact = torch.func.grad(lambda lam: ridge_outer(ridge_solution(
         {"lam": lam, "weights": torch.ones(30, dtype=F64)}, train), None, val))(common["aux"])  # fmt: skip
     assert good.solver.converged and torch.allclose(good.aux, exact, rtol=1e-6)
+
+
+def conditioned_ridge(low, high):
+    """Ridge data whose Hessian X^T X + lam I has eigenvalues spread over [low, high]."""
+    g = torch.Generator().manual_seed(3)
+    lam = torch.tensor(0.5, dtype=F64)
+    U = torch.linalg.qr(torch.randn(30, 5, generator=g, dtype=F64))[0]
+    V = torch.linalg.qr(torch.randn(5, 5, generator=g, dtype=F64))[0]
+    X = U @ torch.diag((torch.linspace(low, high, 5, dtype=F64) - lam).sqrt()) @ V.T
+    train = (X, torch.randn(30, generator=g, dtype=F64))
+    val = (torch.randn(12, 5, generator=g, dtype=F64), torch.randn(12, generator=g, dtype=F64))
+    return train, val, lam
+
+
+@pytest.mark.parametrize("tol", [1e-10, 1e-6])
+def test_neumann_default_step_converges_on_a_well_conditioned_ridge(tol):
+    # Issue 23: eigenvalues of H in [0.87, 2.08]; the old default alpha=1.0 diverged (a warning
+    # and 1.5e6 for -0.046). The default step comes from power iterations on H.
+    train, val, lam = conditioned_ridge(0.87, 2.08)
+    quad = lambda p, a, b: ((b[0] @ p["w"] - b[1]) ** 2).sum() / 2 + a / 2 * (p["w"] ** 2).sum()  # noqa: E731
+    start = ridge_solution({"lam": lam, "weights": torch.ones(30, dtype=F64)}, train)
+    exact = torch.func.grad(lambda a: ridge_outer(ridge_solution(
+        {"lam": a, "weights": torch.ones(30, dtype=F64)}, train), None, val))(lam)  # fmt: skip
+    args = (ridge_outer, quad, start, hg.optim.sgd(lr=0.5), full_batch(train, 3), val)
+    off = {"stationarity": float("inf")}  # a start at the optimum: only the solver is tested
+    g = hg.hypergrad(*args, aux=lam, method=hg.Implicit("neumann", tol=tol, **off))
+    assert g.solver.converged and g.solver.iterations < 100
+    assert abs(float(g.aux - exact)) <= 10 * tol * abs(float(exact))
+    with pytest.raises(ValueError, match=r"diverged after .* alpha=1 times the Hessian"):
+        hg.hypergrad(*args, aux=lam, method=hg.Implicit("neumann", alpha=1.0, **off))
+
+
+def test_neumann_refuses_a_hessian_without_a_positive_top_eigenvalue():
+    A = -torch.eye(3, dtype=F64)
+    out = neumann(lambda v: A @ v, torch.ones(3, dtype=F64), maxiter=10, tol=1e-8)
+    assert out.diverged and not out.converged and "not positive" in out.note
 
 
 def test_far_from_stationary_warns_with_the_ratio():

@@ -419,19 +419,20 @@ def test_a_compiled_transformer_equals_eager(method):
     torch.testing.assert_close(compiled.hyperparams, eager.hyperparams, rtol=1e-8, atol=1e-12)
 
 
-# ---------------------------------------------------------------- torch's limits, pinned
-# Documented in Sharp bits ("Attention and transformers"); when torch changes, these strict
-# xfails start passing and tell us to drop the notes.
-
-
-@pytest.mark.xfail(strict=True, reason="torch: vmap double backward of an affine layer norm")
-def test_torch_bug_clients_in_forward_mode_through_a_layer_norm():
+def test_clients_in_forward_mode_through_a_layer_norm_equal_reverse():
+    # torch's vmapped second derivative through an affine layer norm is wrong (pinned in
+    # tests/test_vmap_norms.py); the clients' step computes it with elementary ops instead.
     prob = lm_problem(clients=2)
     reverse = hg.clients.hypergrad(*prob["args"], **prob["kw"], in_dims={"aux": None})
     forward = hg.clients.hypergrad(
         *prob["args"], **prob["kw"], in_dims={"aux": None}, method="forward"
     )
     torch.testing.assert_close(forward.hyperparams, reverse.hyperparams, rtol=1e-8, atol=1e-12)
+
+
+# ---------------------------------------------------------------- torch's limits, pinned
+# Documented in Sharp bits ("Attention and transformers"); when torch changes, these strict
+# xfails start passing and tell us to drop the notes.
 
 
 @pytest.mark.xfail(strict=True, reason="torch: forward mode draws dropout masks in another order")

@@ -1,4 +1,4 @@
-"""The claims of tutorials 5-10 and of the flagship demo, on their example scripts (small settings)."""
+"""The claims of tutorials 5-10 and 12 and of the flagship demo, on their example scripts (small settings)."""
 
 from __future__ import annotations
 
@@ -38,6 +38,12 @@ def test_maml_init_adapts_better_than_a_random_init():
     r = run("maml_sine", meta_iterations=150, test_tasks=50)
     assert r["maml_after"] < r["random_init_after"] * 0.75
     assert r["maml_after"] < r["maml_before"]  # the few steps of adaptation help
+
+
+def test_distilled_digits_train_fresh_inits_better_than_real_ones():
+    r = run("distill_digits", meta_iterations=40, test_inits=4)
+    assert r["meta_loss"][-1] < r["meta_loss"][0] - 0.5
+    assert r["distilled_accuracy"] > r["real_accuracy"] + 0.1
 
 
 def test_learned_per_block_learning_rates_train_the_transformer_better():

@@ -157,7 +157,8 @@ class Setup:
     computed: _hyper.Computed | None = None
     report: tuple[str, ...] = ()
     watched: tuple[tuple[str, torch.Tensor, int], ...] = ()
-    outer_batch: Any = None
+    outer_loss: Callable[..., Any] | None = None  # as passed (tasks bind each client's batch)
+    outer_batch: Any = None  # a copy of the caller's
     process_group: Any = None
 
     @property
@@ -282,7 +283,7 @@ def set_up(
     outer = outer_fn(
         outer_loss, outer_batch, buffers is not None, math_attention=setup.math_attention
     )
-    return dataclasses.replace(setup, outer=outer)
+    return dataclasses.replace(setup, outer=outer, outer_loss=outer_loss)
 
 
 def _check_seed(seed: Any) -> None:

@@ -4,9 +4,11 @@
 clients (the engine's step vmapped over them, in federated rounds) and, where the hypergradient
 is taken chunk by chunk, the runner that does it. Modules: ``vmap`` (vmap over trees with
 ``None`` leaves), ``dims`` (``in_dims`` and the client count), ``step`` (the stacked step),
-``aggregation`` (FedAvg, broadcast), ``federation`` (the transform), ``chunks`` (reverse mode
-chunk by chunk), ``ranks`` (many processes: collectives, faults), ``parallel`` (one model over
-many processes: data parallel, ``process_group=`` without clients).
+``aggregation`` (FedAvg, broadcast), ``federation`` (the transform), ``tasks`` (one outer
+loss per client, ``outer="each"``), ``norms`` (affine norms as elementary ops under the vmapped
+inner gradient, where torch's rule is wrong), ``chunks`` (reverse mode chunk by chunk),
+``ranks`` (many processes: collectives, faults), ``parallel`` (one model over many processes:
+data parallel, ``process_group=`` without clients).
 """
 
 from __future__ import annotations

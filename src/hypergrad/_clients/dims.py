@@ -21,10 +21,18 @@ _DEFAULT_IN_DIMS: dict[str, Any] = {
     "aux": None,
     "hyperparams": None,
     "batches": 0,
+    "outer_batch": None,
 }
 
 
-def resolve_in_dims(in_dims: Mapping[str, Any] | None, hp: Mapping[str, Any]) -> dict:
+def resolve_in_dims(
+    in_dims: Mapping[str, Any] | None, hp: Mapping[str, Any], outer: str = "server"
+) -> dict:
+    """``in_dims`` with the defaults filled in and checked (``hyperparams`` as a dict per name).
+
+    ``outer_batch`` defaults to ``0`` (a leading task dimension) with ``outer="each"`` and is
+    ``None`` (the server's one batch) with ``outer="server"``.
+    """
     if in_dims is None:
         in_dims = {}
     if not isinstance(in_dims, Mapping):
@@ -38,7 +46,14 @@ def resolve_in_dims(in_dims: Mapping[str, Any] | None, hp: Mapping[str, Any]) ->
             f"{caller()}: in_dims has unknown key(s) {', '.join(map(repr, unknown))}; the keys are "
             f"{', '.join(map(repr, _DEFAULT_IN_DIMS))}."
         )
-    dims = {**_DEFAULT_IN_DIMS, **in_dims}
+    dims = {**_DEFAULT_IN_DIMS, "outer_batch": 0 if outer == "each" else None, **in_dims}
+    if outer != "each" and dims["outer_batch"] is not None:
+        raise ValueError(
+            f"{caller()}: in_dims['outer_batch'] gives the outer batch a client dimension, but "
+            "the outer loss is the server's (one loss on the aggregate of the clients). Pass "
+            "hg.Clients(outer='each') for one outer loss per client (tasks), or drop "
+            "'outer_batch' from in_dims."
+        )
     for key in ("params", "state", "buffers"):
         if dims[key] not in (0, None):
             raise ValueError(

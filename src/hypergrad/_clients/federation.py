@@ -21,6 +21,7 @@ from hypergrad import tree as _tree
 from hypergrad._boundary import caller, entered, positive_int
 from hypergrad._clients.aggregation import broadcast, fedavg
 from hypergrad._clients.dims import count_clients, resolve_in_dims
+from hypergrad._clients.norms import exact_norms
 from hypergrad._clients.ranks import (
     Ranks,
     check_process_group,
@@ -31,6 +32,7 @@ from hypergrad._clients.ranks import (
     sum_ranks,
 )
 from hypergrad._clients.step import vmapped_step
+from hypergrad._clients.tasks import check_outer_batch, each_outer
 from hypergrad._clients.vmap import guarded, vmap_trees
 from hypergrad._engine.compile import compile_step, step_key
 from hypergrad._engine.condition import Condition, make_condition
@@ -44,6 +46,7 @@ from hypergrad.tree._base import check_weights
 __all__ = ["Clients", "Federation", "federate"]
 
 _RANDOMNESS = ("error", "different", "same")
+_OUTER = ("server", "each")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +92,14 @@ class Clients:
             the rank's *share* of the server, which hypergrad sums over the ranks. Reverse-mode
             methods and ``"forward"`` (shared inputs only) work; see the concepts page
             "Many processes".
+        outer: ``"server"`` (default): one outer loss on the aggregate of the clients.
+            ``"each"`` (tasks): no aggregation at the end; ``outer_loss(params_c, aux,
+            outer_batch_c)`` runs on each client's final params (vmapped) with its own slice
+            of ``outer_batch``, which has a leading task dimension ``C`` by default
+            (``in_dims={"outer_batch": None}`` gives every client the same one), and the value
+            is the mean over clients (weighted by ``weights``; over ranks, over every rank's
+            clients). The hypergradient is then the mean of the C single-task
+            hypergradients. ``rounds`` still aggregates between rounds.
 
     Examples:
         Three clients pull their weight towards their own target plus a shared offset ``aux``;
@@ -102,6 +113,17 @@ class Clients:
         ...                  clients=hg.Clients(in_dims={"params": None}))
         >>> round(g.aux.item(), 4)
         0.0114
+
+        As tasks: each client should match its own target plus 0.5 (the outer batch has a
+        leading task dimension), and the value is the mean of the three clients' own losses;
+        each has moved ``1 - 0.8**5 = 0.672`` of the way, so all are short:
+
+        >>> own = torch.tensor([[0.5], [1.5], [2.5]])
+        >>> g = hg.hypergrad(outer, inner, {"w": torch.zeros(1)}, hg.optim.sgd(lr=0.1), targets,
+        ...                  own, aux=torch.tensor([0.5]),
+        ...                  clients=hg.Clients(in_dims={"params": None}, outer="each"))
+        >>> round(g.value.item(), 4), round(g.aux.item(), 4)
+        (0.3132, -0.6609)
     """
 
     in_dims: Mapping[str, Any] | None = None
@@ -111,6 +133,7 @@ class Clients:
     chunk_size: int | None = None
     randomness: str = "error"
     process_group: Any = None
+    outer: str = "server"
 
     def __post_init__(self) -> None:
         with entered("hg.Clients"):
@@ -133,6 +156,18 @@ class Clients:
         )
         check_weights(self.weights, None)
         check_process_group(self.process_group)
+        if self.outer not in _OUTER:
+            raise ValueError(
+                f"{caller()}: outer must be 'server' (one outer loss on the aggregate of the "
+                "clients) or 'each' (one per client, on its own outer batch: tasks), got "
+                f"{self.outer!r}."
+            )
+        if self.outer == "each" and self.aggregate is not None and self.rounds == 1:
+            raise ValueError(
+                f"{caller()}: with outer='each' and rounds=1 nothing is aggregated (each client "
+                "meets its own outer loss), so aggregate= would be ignored. Drop it, or pass "
+                "rounds > 1 to aggregate between rounds."
+            )
 
     def total_steps(self, steps: int | None) -> int | None:
         """The steps over all rounds, from K local steps per round (``None``: from the batches)."""
@@ -164,6 +199,8 @@ class Federation:
             ranks of the shares is ``aggregate``; without a process group, ``aggregate``).
         ranks: the process group's ranks, or ``None`` for one process.
         by_chunk: whether the hypergradient is taken chunk by chunk (``hypergrad._clients.chunks``).
+        each: with ``outer="each"``, the tasks' outer loss on the stacked finals
+            (``hypergrad._clients.tasks``); ``None`` for the server's.
     """
 
     setup: Setup
@@ -179,6 +216,7 @@ class Federation:
     share: Callable[[PyTree], PyTree]
     ranks: Ranks | None
     by_chunk: bool
+    each: Callable[[PyTree, PyTree, PyTree], torch.Tensor] | None = None
 
     @property
     def rounds(self) -> int:
@@ -222,8 +260,11 @@ class Federation:
         return self.step(p, s, b, a, h, batch)
 
     def server_outer(self, p: PyTree, b: PyTree, a: PyTree) -> torch.Tensor:
-        """The outer loss on the aggregate of the clients' params (and buffers)."""
+        """The outer loss on the aggregate of the clients' params (and buffers), or with
+        ``outer="each"`` the mean of each client's own."""
         assert self.setup.outer is not None
+        if self.each is not None:
+            return self.each(p, b, a)
         server_buffers = self.aggregate(b) if self.setup.has_buffers else None
         how = self.setup.method
         if self.ranks is not None and how is not None and how.reverse_mode:
@@ -274,9 +315,14 @@ class Federation:
         dims = (self.dims["aux"], self.dims["hyperparams"], self.dims["batches"])
         options = {"randomness": self.clients.randomness, "chunk_size": self.clients.chunk_size}
         each = vmap_trees(lambda p, b, a, h, x: (one.residual(p, b, a, h, x),), 2, dims, **options)
+
+        def residual(p: PyTree, b: PyTree, a: PyTree, h: Any, x: Any) -> PyTree:
+            with exact_norms():  # differentiated again (H v): torch's affine norms are wrong
+                return each(p, b, a, h, x)[0]
+
         return dataclasses.replace(
             one,
-            residual=lambda p, b, a, h, x: each(p, b, a, h, x)[0],
+            residual=residual,
             start=lambda params: self.spread(params, "params"),
         )
 
@@ -310,13 +356,15 @@ def federate(setup: Setup, clients: Clients) -> Federation:
             f"rounds={rounds}; pass steps=K (local steps per round) with at least "
             "rounds * K batches."
         )
-    dims = resolve_in_dims(clients.in_dims, setup.hyperparams)
+    dims = resolve_in_dims(clients.in_dims, setup.hyperparams, clients.outer)
     if setup.source.empty:  # batches=None: each step's batch is None, nothing to map
         dims = {**dims, "batches": None}
     count = count_clients(
         dims, setup.params, setup.state, setup.buffers, setup.hyperparams, clients.weights,
         setup.source.copy_at(0),
     )  # fmt: skip
+    if clients.outer == "each" and setup.outer is not None:
+        check_outer_batch(setup.outer_batch, dims["outer_batch"], count)
     how = setup.method
     ranks = None if clients.process_group is None else Ranks(clients.process_group)
     weight = None
@@ -351,7 +399,21 @@ def federate(setup: Setup, clients: Clients) -> Federation:
         **_aggregation(clients, ranks, weight),
         ranks=ranks,
         by_chunk=by_chunk,
+        each=_tasks(setup, clients, dims, count if weight is None else weight, ranks, vmap),
     )
+
+
+def _tasks(
+    setup: Setup, clients: Clients, dims: dict, total: float, ranks: Ranks | None, vmap: dict
+) -> Callable[[PyTree, PyTree, PyTree], torch.Tensor] | None:
+    """With ``outer="each"`` (and an outer loss), the tasks' outer loss; else ``None``."""
+    if clients.outer != "each" or setup.outer_loss is None:
+        return None
+    return each_outer(
+        setup.outer_loss, setup.outer_batch, has_buffers=setup.has_buffers,
+        math_attention=setup.math_attention, dims=dims, weights=clients.weights, total=total,
+        ranks=ranks, **vmap,
+    )  # fmt: skip
 
 
 def _agree(
@@ -380,6 +442,7 @@ def _agree(
         if clients.aggregate
         else f"FedAvg, weights={weights is not None}",
         "randomness": clients.randomness,
+        "outer": clients.outer,
         "check_finite": str(setup.check_finite),
     }
     local = count if weights is None else float(torch.as_tensor(weights).sum())

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from hypergrad._boundary import caller
+from hypergrad._clients.norms import exact_norms
 from hypergrad._clients.vmap import vmap_trees
 from hypergrad._engine.step import in_functorch_transform, make_step
 from hypergrad.optim._base import Optimizer
@@ -84,7 +85,9 @@ def vmapped_step(
     their sum is differentiated by the engine's autograd step (client ``c``'s loss depends on
     client ``c``'s params only, so the gradient of the sum is each client's own gradient),
     and the optimizer update is vmapped. Same numbers; the second records a much lighter
-    meta-graph (plain batched ops instead of functorch's wrappers). ``"auto"`` picks
+    meta-graph (plain batched ops instead of functorch's wrappers). The first runs affine
+    norms as elementary ops (``hypergrad._clients.norms``: torch's vmapped second derivative
+    of its own kernels is wrong); the second needs not. ``"auto"`` picks
     ``"func"`` inside a torch.func transform, else ``"autograd"``. ``math_attention``: as for
     the engine's ``make_step``.
     """
@@ -121,8 +124,9 @@ def vmapped_step(
 
     def step(p, s, b, a, h, batch):
         func = inner_grad == "func" or (inner_grad == "auto" and in_functorch_transform())
-        if func:
-            return by_func(p, s, b, a, h, batch)
+        if func:  # torch's vmapped second derivative of an affine norm is wrong: rewritten
+            with exact_norms():
+                return by_func(p, s, b, a, h, batch)
         p, s, b, summed = by_autograd(p, s, b, a, h, batch)
         return p, s, b, last[0] if summed.requires_grad else last[0].detach()
 

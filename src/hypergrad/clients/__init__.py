@@ -100,6 +100,7 @@ def hypergrad(
     chunk_size: int | None = None,
     randomness: str = "error",
     process_group: Any = None,
+    outer: str = "server",
     **options: Any,
 ) -> Hypergradient:
     """The gradient of a server-side outer loss through R rounds of K steps of C clients.
@@ -110,7 +111,8 @@ def hypergrad(
     ``state``, ``buffers``, ``steps`` = K per round, ``hyperparams``, ``seed``, ``progress``,
     ``inner_grad``, ``check_finite``, ``compile``) is [`hg.hypergrad`][hypergrad.hypergrad]'s.
     ``outer_loss(server_params, aux, outer_batch)`` receives the aggregate of the clients' final
-    params; ``wrt`` may name per-client hyperparameters (their gradient has the client
+    params (with ``outer="each"``, each client's own final params and its slice of
+    ``outer_batch``, and the value is the mean over clients: tasks); ``wrt`` may name per-client hyperparameters (their gradient has the client
     dimension) and ``"params"`` (per client, or the one shared tree with
     ``in_dims={"params": None}``).
 
@@ -136,7 +138,7 @@ def hypergrad(
     """
     with entered("hg.clients.hypergrad", delegating=True):
         clients = Clients(
-            in_dims, rounds, aggregate, weights, chunk_size, randomness, process_group
+            in_dims, rounds, aggregate, weights, chunk_size, randomness, process_group, outer
         )
         return _hypergrad(
             outer_loss, inner_loss, params, opt, batches, outer_batch, clients=clients, **options

@@ -8,7 +8,9 @@ when the residual ``|b - A x|`` falls to ``tol * |b|`` or after ``maxiter`` prod
 - ``minres``: MINRES (Paige and Saunders, 1975), for symmetric ``A`` that may be indefinite or
   singular (a Hessian at a saddle, or along flat directions); it minimises the residual.
 - ``neumann``: the truncated Neumann series ``x = alpha * sum_j (I - alpha A)^j b``
-  (Lorraine et al., 2020), which converges when every eigenvalue of ``alpha A`` is in (0, 2).
+  (Lorraine et al., 2020), which converges when every eigenvalue of ``alpha A`` is in (0, 2);
+  by default ``alpha`` is one over the top eigenvalue from a few power iterations, and a
+  residual that grows stops it as divergent.
 
 The residual they report is the recurrence's (exact in exact arithmetic). The vectors are
 updated in place (``matvec`` returns a new vector each call, and ``b`` is never written), and
@@ -25,7 +27,7 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["SOLVERS", "Solve", "cg", "minres", "neumann"]
+__all__ = ["SOLVERS", "Solve", "cg", "minres", "neumann", "top_eigenvalue"]
 
 MatVec = Callable[[torch.Tensor], torch.Tensor]
 
@@ -38,13 +40,16 @@ class Solve(NamedTuple):
     residual: float
     converged: bool
     note: str = ""
+    diverged: bool = False
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.dot(a, b))
 
 
-def cg(matvec: MatVec, b: torch.Tensor, *, maxiter: int, tol: float, alpha: float = 1.0) -> Solve:
+def cg(
+    matvec: MatVec, b: torch.Tensor, *, maxiter: int, tol: float, alpha: float | None = None
+) -> Solve:
     """Conjugate gradients from ``x = 0`` (``alpha`` unused).
 
     Examples:
@@ -78,37 +83,82 @@ def cg(matvec: MatVec, b: torch.Tensor, *, maxiter: int, tol: float, alpha: floa
     return Solve(x, maxiter, residual, False)
 
 
+def top_eigenvalue(matvec: MatVec, b: torch.Tensor, *, iterations: int = 20) -> tuple[float, int]:
+    """The largest eigenvalue of ``A`` that ``b`` reaches, by power iteration from ``b``.
+
+    Returns the Rayleigh quotient of the last iterate (never above the largest eigenvalue of a
+    symmetric ``A``) and the products made: it stops when the quotient moves by less than 1e-3
+    relative, or after ``iterations`` products.
+
+    Examples:
+        >>> A = torch.diag(torch.tensor([0.5, 1.0, 3.0]))
+        >>> value, used = top_eigenvalue(lambda v: A @ v, torch.ones(3))
+        >>> round(value, 2), used < 20
+        (3.0, True)
+    """
+    v = b / torch.linalg.vector_norm(b)
+    value = 0.0
+    for it in range(1, iterations + 1):
+        w = matvec(v)
+        new = _dot(v, w)
+        norm = float(torch.linalg.vector_norm(w))
+        if norm == 0.0 or not math.isfinite(norm):
+            return new, it
+        if it > 1 and abs(new - value) <= 1e-3 * abs(new):
+            return new, it
+        value, v = new, w.div_(norm)
+    return value, iterations
+
+
 def neumann(
-    matvec: MatVec, b: torch.Tensor, *, maxiter: int, tol: float, alpha: float = 1.0
+    matvec: MatVec, b: torch.Tensor, *, maxiter: int, tol: float, alpha: float | None = None
 ) -> Solve:
     """The truncated Neumann series ``alpha * sum_j (I - alpha A)^j b``, one product per term.
+
+    ``alpha=None``: ``1 / lambda``, with ``lambda`` the top eigenvalue of ``A`` that ``b``
+    reaches, from a few power iterations (``top_eigenvalue``; their products count in
+    ``iterations``): then ``alpha * A`` has its eigenvalues in (0, 1] and the series converges
+    for any positive definite ``A``. For symmetric ``A`` the residual ``(I - alpha A)^j b``
+    never grows while the series converges, so a residual that grows proves that it diverges:
+    the solve stops there with ``diverged=True``.
 
     Examples:
         >>> A = torch.tensor([[1.0, 0.2], [0.2, 0.5]])
         >>> out = neumann(lambda v: A @ v, torch.tensor([1.0, 2.0]), maxiter=200, tol=1e-6)
         >>> out.x, out.converged
         (tensor([0.2174, 3.9130]), True)
+        >>> neumann(lambda v: A @ v, torch.tensor([1.0, 2.0]), maxiter=200, tol=1e-6,
+        ...         alpha=2.0).diverged
+        True
     """
     x = torch.zeros_like(b)
     scale = float(torch.linalg.vector_norm(b))
     if scale == 0.0:
         return Solve(x, 0, 0.0, True)
+    used = 0
+    if alpha is None:
+        top, used = top_eigenvalue(matvec, b)
+        if not top > 0:
+            return Solve(x, used, 1.0, False, f"the Hessian's top eigenvalue is {top:.3g}, not "
+                         "positive: the series diverges for every alpha", diverged=True)  # fmt: skip
+        alpha = 1.0 / top
     r = b.clone()  # r = b - A x, kept by r <- r - alpha A r
-    residual = 1.0
-    for it in range(1, maxiter + 1):
+    residual = best = 1.0
+    for it in range(used + 1, used + maxiter + 1):
         x.add_(r, alpha=alpha)
         r.add_(matvec(r), alpha=-alpha)
         residual = float(torch.linalg.vector_norm(r)) / scale
         if residual <= tol:
             return Solve(x, it, residual, True)
-        if not residual < 1e8:  # the series diverges (or overflowed): stop early
-            return Solve(x, it, residual, False, "the series diverges: alpha * A has an "
-                         "eigenvalue outside (0, 2)")  # fmt: skip
-    return Solve(x, maxiter, residual, False)
+        if not residual <= 2 * best:  # grew (or overflowed): the series diverges
+            return Solve(x, it, residual, False, f"the series diverges: alpha={alpha:.3g} "
+                         "times the Hessian has an eigenvalue outside (0, 2)", diverged=True)  # fmt: skip
+        best = min(best, residual)
+    return Solve(x, used + maxiter, residual, False)
 
 
 def minres(
-    matvec: MatVec, b: torch.Tensor, *, maxiter: int, tol: float, alpha: float = 1.0
+    matvec: MatVec, b: torch.Tensor, *, maxiter: int, tol: float, alpha: float | None = None
 ) -> Solve:
     """MINRES from ``x = 0`` for symmetric, possibly indefinite ``A`` (``alpha`` unused).
 

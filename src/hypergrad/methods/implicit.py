@@ -134,7 +134,12 @@ class Implicit(Method):
         tol: the solver stops at relative residual ``|H v - g| / |g| <= tol``.
         damping: solve ``(H + damping * I) v = g`` instead: regularises an ill-conditioned or
             singular ``H`` at the price of a bias.
-        alpha: the Neumann series' step (``"neumann"`` only); below ``2 / lambda_max(H)``.
+        alpha: the Neumann series' step (``"neumann"`` only); it converges for ``alpha``
+            below ``2 / lambda_max(H)``. ``None`` (default): ``1 / lambda``, with ``lambda``
+            the top eigenvalue of ``H`` from a few power iterations (at most 20 products,
+            counted in ``iterations``), which converges for any positive definite ``H``
+            without tuning. A series that diverges (its residual grows) raises
+            ``ValueError``: its partial sum is not an answer.
         batch: the batch of the stationarity condition (default: the last step's batch);
             with clients, stacked as the batches are.
         stationarity: warn when ``|F(params_K)| > stationarity * |F(params_0)|``;
@@ -175,7 +180,7 @@ class Implicit(Method):
         maxiter: int = 100,
         tol: float = 1e-6,
         damping: float = 0.0,
-        alpha: float = 1.0,
+        alpha: float | None = None,
         batch: Any = None,
         stationarity: float = 1e-2,
         hvp: str = "reverse",
@@ -190,7 +195,7 @@ class Implicit(Method):
             self.maxiter = positive_int(maxiter, "maxiter", "(the most Hessian-vector products)")
             self.tol = _number(tol, "tol", low=0.0, strict=True)
             self.damping = _number(damping, "damping", low=0.0, strict=False)
-            self.alpha = _number(alpha, "alpha", low=0.0, strict=True)
+            self.alpha = None if alpha is None else _number(alpha, "alpha", low=0.0, strict=True)
             self.stationarity = _number(
                 stationarity, "stationarity", low=0.0, strict=True, inf=True
             )
@@ -292,6 +297,14 @@ class Implicit(Method):
         solve = SOLVERS[self.solver](
             matvec, flatten(rhs), maxiter=self.maxiter, tol=self.tol, alpha=self.alpha
         )
+        if solve.diverged:
+            raise ValueError(
+                f"{caller()}: {self!r} diverged after {solve.iterations} Hessian-vector "
+                f"products ({solve.note}; relative residual {solve.residual:.3g}), so its "
+                "partial sum is not the hypergradient. Leave alpha=None (it is then chosen from "
+                "the Hessian's top eigenvalue), pass a smaller alpha, or use solver='cg' "
+                "('minres' if the Hessian may be indefinite)."
+            )
         if not solve.converged:
             why = f" ({solve.note})" if solve.note else ""
             warnings.warn(
@@ -305,7 +318,7 @@ class Implicit(Method):
 
     def __repr__(self) -> str:
         args = [repr(self.solver)] if self.solver != "cg" else []
-        defaults = {"maxiter": 100, "tol": 1e-6, "damping": 0.0, "alpha": 1.0, "hvp": "reverse"}
+        defaults = {"maxiter": 100, "tol": 1e-6, "damping": 0.0, "alpha": None, "hvp": "reverse"}
         args += [f"{k}={getattr(self, k)!r}" for k, d in defaults.items() if getattr(self, k) != d]
         return f"hg.Implicit({', '.join(args)})"
 
@@ -313,9 +326,8 @@ class Implicit(Method):
 def _advice(solver: str) -> str:
     if solver == "neumann":
         return (
-            "The Neumann series converges slowly on an ill-conditioned Hessian and diverges for "
-            "alpha >= 2 / lambda_max; use solver='cg' (or 'minres'), a smaller alpha, more "
-            "maxiter, or damping > 0."
+            "The Neumann series converges slowly on an ill-conditioned Hessian; use "
+            "solver='cg' (or 'minres'), more maxiter, or damping > 0."
         )
     if solver == "cg":
         return (
