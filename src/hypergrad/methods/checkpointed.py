@@ -113,16 +113,13 @@ class _Executor:
         return self.working if self.at == k else self.stored[k]
 
     def forward(self, action: Forward) -> None:
+        start = self.carry_at(action.start)
+        self.at, self.working = -1, None  # not kept while the run makes the next one
         with torch.no_grad():
             carry, losses = run_steps(
-                self.problem,
-                self.carry_at(action.start),
-                self.aux,
-                self.hp,
-                action.start,
-                action.stop,
-                donate=True,
+                self.problem, start, self.aux, self.hp, action.start, action.stop, donate=True
             )
+        del start
         for k, loss in enumerate(losses, action.start):
             self.losses.setdefault(k, loss)
         self.at, self.working = action.stop, carry
@@ -146,6 +143,8 @@ class _Executor:
                     self.gaps.append((start, gap))
         else:
             cot, extra = self._segment(opened, start, stop)
+        if self.at >= start:  # units go backwards: no later action needs a carry past start
+            self.at, self.working = -1, None
         self.cotangent = cot
         self.acc = [_add(a, g) for a, g in zip(self.acc, extra)]
 
