@@ -271,11 +271,11 @@ def test_checkpoint_cost_predicts_the_schedules_runs_and_chooses_slots_for_a_bud
     cost = hg.checkpoint_cost(256, 4, carry_bytes=6 * mb, backward_bytes=40 * mb,
                               step_seconds=0.1, backward_seconds=0.3)  # fmt: skip
     assert cost.forward_runs == simulate(257, 4)[0] == 1337
-    assert cost.peak_bytes == 6 * 6 * mb + 40 * mb
+    assert cost.peak_bytes == 7 * 6 * mb + 40 * mb
     assert cost.seconds == pytest.approx(1337 * 0.1 + 256 * 0.3)
     chosen = hg.checkpoint_cost(256, carry_bytes=6 * mb, backward_bytes=40 * mb,
                                 budget_bytes=100 * mb)  # fmt: skip
-    assert chosen.slots == 8 and chosen.peak_bytes <= 100 * mb
+    assert chosen.slots == 7 and chosen.peak_bytes <= 100 * mb
     assert (
         hg.checkpoint_cost(256, 9, carry_bytes=6 * mb, backward_bytes=40 * mb).peak_bytes > 100 * mb
     )
@@ -286,5 +286,5 @@ def test_checkpoint_cost_errors():
     with pytest.raises(TypeError, match=r"hg.checkpoint_cost: give slots=c, or budget_bytes="):
         hg.checkpoint_cost(10, carry_bytes=1)
     with pytest.raises(ValueError, match=r"no number of slots fits budget_bytes=100: one slot "
-                       r"already needs 130 bytes .* micro_batches=m"):  # fmt: skip
+                       r"already needs 140 bytes .* micro_batches=m"):  # fmt: skip
         hg.checkpoint_cost(10, carry_bytes=10, backward_bytes=100, budget_bytes=100)

@@ -15,11 +15,11 @@ through ``unit_vjp``. A unit is a step, or the outer loss after the last step. T
   step, and a difference (a BatchNorm in training mode, dropout, a loss over pairs) is an
   error at the end of the call, never a number.
 
-Measured before choosing (``benchmarks/memory.py --step``, a 3.3M-parameter transformer,
-batch 16, CPU): one step's reverse-over-reverse keeps 3.5x the memory of a training step;
-forward-over-reverse (``torch.func.jvp`` of ``torch.func.grad``) keeps 1.9x *more* than
-that, and the dual-number forward with a plain backward 1.2x more; four micro-batches keep
-0.36x of it, in the same time. So the memory lever in PyTorch is the batch, not the mode.
+Measured before choosing (``benchmarks/memory.py --step``, a 3.3M-parameter GPT-like model,
+batch 16, CPU): one step's reverse over reverse peaks at 2.3x a training step; forward over
+reverse (``torch.func.jvp`` of ``torch.func.grad``, the mixed mode of Kemaev et al. 2025)
+at 1.67x *that*, the dual-number forward with a plain backward at 1.35x; four micro-batches
+at 0.38x of it, eight at 0.27x. In PyTorch the memory lever is the batch, not the mode.
 """
 
 from __future__ import annotations

@@ -143,12 +143,13 @@ class CheckpointCost(NamedTuple):
         forward_runs: steps run without a graph (Revolve's recomputation).
         sweeps: ``forward_runs / K``: the extra passes over the loop, about ``r``.
         seconds: predicted time, ``forward_runs * step_seconds + K * backward_seconds``.
-        peak_bytes: predicted peak, ``(c + 2) * carry_bytes + backward_bytes`` (the stored
-            carries, the working carry and the cotangent, one step's backward).
+        peak_bytes: predicted peak, ``(c + 3) * carry_bytes + backward_bytes`` (the stored
+            carries, the working carry, its cotangent and the last carry, kept for the
+            result's trajectory; one step's backward).
 
     Examples:
         >>> hg.checkpoint_cost(16, 4, carry_bytes=100, backward_bytes=1000)
-        CheckpointCost(slots=4, forward_runs=30, sweeps=1.875, seconds=78.0, peak_bytes=1600)
+        CheckpointCost(slots=4, forward_runs=30, sweeps=1.875, seconds=78.0, peak_bytes=1700)
     """
 
     slots: int
@@ -193,10 +194,10 @@ def checkpoint_cost(
     Examples:
         >>> cost = hg.checkpoint_cost(256, 4, carry_bytes=6 * 2**20, backward_bytes=40 * 2**20)
         >>> cost.forward_runs, round(cost.sweeps, 1), cost.peak_bytes // 2**20
-        (1337, 5.2, 76)
+        (1337, 5.2, 82)
         >>> hg.checkpoint_cost(256, carry_bytes=6 * 2**20, backward_bytes=40 * 2**20,
         ...                    budget_bytes=100 * 2**20).slots
-        8
+        7
     """
     with entered("hg.checkpoint_cost"):
         positive_int(steps, "steps")
@@ -213,17 +214,17 @@ def checkpoint_cost(
         forward_runs=runs,
         sweeps=runs / steps,
         seconds=runs * step_seconds + steps * backward_seconds,
-        peak_bytes=(slots + 2) * carry_bytes + backward_bytes,
+        peak_bytes=(slots + 3) * carry_bytes + backward_bytes,
     )
 
 
 def _most_slots(budget: int, carry: int, backward: int, steps: int) -> int:
-    slots = (budget - backward) // max(carry, 1) - 2
+    slots = (budget - backward) // max(carry, 1) - 3
     if slots < 1:
-        need = 3 * carry + backward
+        need = 4 * carry + backward
         raise ValueError(
             f"{caller()}: no number of slots fits budget_bytes={budget}: one slot already needs "
-            f"{need} bytes (3 carries of {carry} and one step's backward of {backward}). Raise "
+            f"{need} bytes (4 carries of {carry} and one step's backward of {backward}). Raise "
             "the budget, shrink the step's backward (hg.Checkpointed(..., micro_batches=m)), or "
             "use method='first_order'."
         )

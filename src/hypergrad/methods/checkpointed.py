@@ -221,7 +221,9 @@ class Checkpointed(Method):
       a time. With ``r`` the least integer such that ``K + 1 <= C(c + r, c)``, the loop runs
       ``r * (K + 1) - C(c + r, c + 1)`` steps without a graph (the optimum for ``c`` slots:
       about ``r`` sweeps, and ``r`` grows like ``log K``), plus each step once with a graph
-      and its backward. Memory: ``c * C`` plus one step's backward, whatever K.
+      and its backward. Memory: about ``(c + 3) * C`` (the stored carries, the working one,
+      its cotangent, and the last one for the result's trajectory) plus one step's backward,
+      whatever K.
 
     Here C is the size of the carry and A what one step keeps for its backward (activations,
     the inner gradient's graph); ``hg.checkpoint_cost`` predicts time and memory for any K and
@@ -242,13 +244,14 @@ class Checkpointed(Method):
         micro_batches: m, the slices of the batch per step's backward (default 1: whole).
 
     Examples:
-        >>> loss = lambda p, a, x: ((p["w"] - x) ** 2).sum()
-        >>> args = (lambda p, a, y: (p["w"] ** 2).sum(), loss, {"w": torch.ones(1)},
-        ...     hg.optim.sgd(lr=0.1), torch.zeros(3, 1), None)
-        >>> hg.hypergrad(*args, method=hg.Checkpointed(2), wrt=("lr",)).hyperparams["lr"]
-        tensor(-3.9322)
-        >>> hg.hypergrad(*args, method=hg.Checkpointed(slots=2), wrt=("lr",)).hyperparams["lr"]
-        tensor(-3.9322)
+        >>> def lr_gradient(method):
+        ...     inner = lambda p, a, x: ((p["w"] - x) ** 2).sum()
+        ...     outer = lambda p, a, y: (p["w"] ** 2).sum()
+        ...     g = hg.hypergrad(outer, inner, {"w": torch.ones(1)}, hg.optim.sgd(lr=0.1),
+        ...                      torch.zeros(3, 1), None, method=method, wrt=("lr",))
+        ...     return g.hyperparams["lr"]
+        >>> lr_gradient(hg.Checkpointed(2)), lr_gradient(hg.Checkpointed(slots=2))
+        (tensor(-3.9322), tensor(-3.9322))
     """
 
     name = "checkpointed"
