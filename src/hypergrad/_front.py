@@ -27,6 +27,7 @@ from hypergrad._boundary import caller
 from hypergrad._engine import hyper as _hyper
 from hypergrad._engine.batches import Batches, copied
 from hypergrad._engine.checks import (
+    check_clients,
     check_float,
     check_inner_grad,
     check_opt,
@@ -37,7 +38,6 @@ from hypergrad._engine.checks import (
 from hypergrad._engine.compile import Compile, check_compile
 from hypergrad._engine.condition import entering, make_condition
 from hypergrad._engine.diagnosis import all_finite, locate_nonfinite, raise_nonfinite
-from hypergrad._engine.hyper import parse_wrt, to_tensor
 from hypergrad._engine.kernels import explain_missing_rule
 from hypergrad._engine.problem import Problem, outer_fn, run_steps
 from hypergrad._engine.randomness import draw_seed, rng_devices
@@ -225,29 +225,14 @@ def set_up(
     _check_losses(inner_loss, outer_loss, needs_outer=how is not None)
     check_opt(opt)
     check_params(params)
-    if clients is not None and not callable(getattr(clients, "total_steps", None)):
-        raise TypeError(
-            f"{caller()}: clients must be hg.Clients(...) (or None for one model), got "
-            f"{type(clients).__name__}. Pass e.g. clients=hg.Clients(rounds=3)."
-        )
+    check_clients(clients)
     source = Batches(batches, steps if clients is None else clients.total_steps(steps))
-    computed = None
-    if callable(hyperparams):  # fn(aux) -> dict: on copies, as the losses see aux
-        computed = _hyper.compute(hyperparams, copied(aux), opt, fresh=how is not None)
-        hyperparams = computed.values if how is None else _hyper.detached_values(computed.values)
-    hp: dict[str, Any] = dict(opt.merged(hyperparams))  # checked as the optimizer checks them
-    _hyper.check_tensor_ranges(opt, hyperparams)
     _check_seed(seed)
-    targets, names = ((), ()) if how is None else parse_wrt(wrt, aux, hp, opt)
-    report = names
-    if how is not None and computed is not None and "aux" in targets:
-        moving = entering(opt) if how.fixed_point else None  # Implicit: what moves its optimum
-        targets, names, computed = _hyper.widened(targets, names, computed, moving)
-    else:
-        computed = None
-    first = _tree.leaves(params)[0]  # check_params: a non-empty tree of floating-point tensors
-    for name in names:
-        hp[name] = to_tensor(hp[name], first.dtype, first.device)
+    moving = entering(opt) if how is not None and how.fixed_point else None  # Implicit's optimum
+    hp, targets, names, computed, report = _hyper.resolve_call(
+        hyperparams, copied(aux), aux, opt, wrt, params, differentiating=how is not None,
+        moving=moving,
+    )  # fmt: skip
     if "aux" in targets:
         check_float(aux, "aux")
     options = _check_modes(how, inner_grad, compile)

@@ -136,3 +136,12 @@ def unchanged(watched: tuple[tuple[str, torch.Tensor, int], ...]) -> None:
                 "(a = a * 2 instead of a.mul_(2)), or keep what changes in the params or the "
                 "optimizer state."
             )
+
+
+def check_clients(clients: Any) -> None:
+    """``clients`` is ``None`` or an ``hg.Clients`` (anything with ``total_steps``)."""
+    if clients is not None and not callable(getattr(clients, "total_steps", None)):
+        raise TypeError(
+            f"{caller()}: clients must be hg.Clients(...) (or None for one model), got "
+            f"{type(clients).__name__}. Pass e.g. clients=hg.Clients(rounds=3)."
+        )

@@ -287,3 +287,39 @@ def check_tensor_ranges(opt: Optimizer, hyperparams: Mapping[str, Any] | None) -
 
 def _has_tensor(value: Any) -> bool:
     return any(isinstance(v, torch.Tensor) for v in _hyper_leaves(value))
+
+
+def resolve_call(
+    hyperparams: Any,
+    aux_copy: PyTree,
+    aux: PyTree,
+    opt: Optimizer,
+    wrt: Any,
+    params: PyTree,
+    *,
+    differentiating: bool,
+    moving: Any,
+) -> tuple[dict[str, Any], tuple[str, ...], tuple[str, ...], Computed | None, tuple[str, ...]]:
+    """A call's hyperparameters, checked: ``(hp, targets, names, computed, report)``.
+
+    ``hyperparams`` is a mapping, ``None`` or ``fn(aux) -> dict`` (evaluated on ``aux_copy``,
+    as the losses see aux); ``differentiating`` says whether the call takes a hypergradient
+    (``wrt`` is read then); ``moving`` is what moves ``hg.Implicit``'s optimum, or ``None``.
+    The differentiated hyperparameters come back as tensors like the first leaf of ``params``.
+    """
+    computed = None
+    if callable(hyperparams):  # fn(aux) -> dict
+        computed = compute(hyperparams, aux_copy, opt, fresh=differentiating)
+        hyperparams = detached_values(computed.values) if differentiating else computed.values
+    hp: dict[str, Any] = dict(opt.merged(hyperparams))  # checked as the optimizer checks them
+    check_tensor_ranges(opt, hyperparams)
+    targets, names = parse_wrt(wrt, aux, hp, opt) if differentiating else ((), ())
+    report = names
+    if differentiating and computed is not None and "aux" in targets:
+        targets, names, computed = widened(targets, names, computed, moving)
+    else:
+        computed = None
+    first = _tree.leaves(params)[0]  # a non-empty tree of floating-point tensors (checked)
+    for name in names:
+        hp[name] = to_tensor(hp[name], first.dtype, first.device)
+    return hp, targets, names, computed, report

@@ -113,6 +113,28 @@ def _graph_through_gradient(params: PyTree, aux: PyTree, first_order: bool) -> b
     )
 
 
+def _functional_grad(
+    loss_fn: Callable[..., Any],
+    has_buffers: bool,
+    first_order: bool,
+    params: PyTree,
+    aux: PyTree,
+    batch: Any,
+    buffers: PyTree,
+) -> tuple[PyTree, torch.Tensor, PyTree]:
+    """The inner gradient by ``torch.func.grad_and_value``: ``(grads, loss, new_buffers)``."""
+    if has_buffers:
+        grads, (loss, new_buffers) = torch.func.grad_and_value(loss_fn, has_aux=True)(
+            params, aux, batch, buffers
+        )
+    else:
+        grads, loss = torch.func.grad_and_value(lambda p: loss_fn(p, aux, batch, None)[0])(params)
+        new_buffers = None
+    if first_order:
+        grads = _tree.detach(grads)
+    return grads, loss, new_buffers
+
+
 def make_step(
     inner_loss: Callable[..., Any],
     opt: Optimizer,
@@ -165,18 +187,7 @@ def make_step(
         return _call_inner(inner_loss, has_buffers, params, aux, batch, buffers)
 
     def grad_func(params, aux, batch, buffers):
-        if has_buffers:
-            (grads, (loss, new_buffers)) = torch.func.grad_and_value(loss_fn, has_aux=True)(
-                params, aux, batch, buffers
-            )
-        else:
-            grads, loss = torch.func.grad_and_value(lambda p: loss_fn(p, aux, batch, None)[0])(
-                params
-            )
-            new_buffers = None
-        if first_order:
-            grads = _tree.detach(grads)
-        return grads, loss, new_buffers
+        return _functional_grad(loss_fn, has_buffers, first_order, params, aux, batch, buffers)
 
     warned: list[bool] = []  # one warning per built step, i.e. per public call
 
@@ -234,14 +245,11 @@ def make_step(
         new_params, new_state = opt.update(params, grads, state, hyperparams)
         return new_params, new_state, new_buffers, loss
 
-    parts = StepParts(loss_fn, opt.update)
-    if compile is None:
-        step.parts = parts  # type: ignore[attr-defined]
-        return step
-    key = step_key(inner_loss, opt, has_buffers=has_buffers, first_order=first_order)
-    compiled = compile_step(step, compile=compile, key=key, steps=steps)
-    compiled.parts = parts  # type: ignore[attr-defined]
-    return compiled
+    if compile is not None:
+        key = step_key(inner_loss, opt, has_buffers=has_buffers, first_order=first_order)
+        step = compile_step(step, compile=compile, key=key, steps=steps)
+    step.parts = StepParts(loss_fn, opt.update)  # type: ignore[attr-defined]
+    return step
 
 
 def multi_step(step: StepFn) -> Any:

@@ -78,7 +78,8 @@ class _Executor:
         self.extra = [leaf for _, leaf in self.bound]
         self.acc: list[torch.Tensor | None] = [None] * len(self.extra)
         self.stored: dict[int, Carry] = {0: self.carry0}
-        self.at, self.working = 0, self.carry0
+        self.working: Carry | None = self.carry0  # the working carry, at ``at`` (-1: none)
+        self.at = 0
         self.losses: dict[int, torch.Tensor] = {}
         self.gaps: list[tuple[int, torch.Tensor]] = []
         self.cotangent: list[torch.Tensor | None] | None = None
@@ -110,7 +111,9 @@ class _Executor:
         return requires_grad(out.buffers)
 
     def carry_at(self, k: int) -> Carry:
-        return self.working if self.at == k else self.stored[k]
+        if self.at == k and self.working is not None:
+            return self.working
+        return self.stored[k]
 
     def forward(self, action: Forward) -> None:
         start = self.carry_at(action.start)
