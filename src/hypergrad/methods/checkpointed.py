@@ -222,9 +222,9 @@ class Checkpointed(Method):
     - ``hg.Checkpointed(slots=c)``: Griewank and Walther's binomial schedule (Revolve), at
       most ``c`` carries stored at once (the initial one included), one step differentiated at
       a time. With ``r`` the least integer such that ``K + 1 <= C(c + r, c)``, the loop runs
-      ``r * (K + 1) - C(c + r, c + 1)`` steps without a graph (the optimum for ``c`` slots:
-      about ``r`` sweeps, and ``r`` grows like ``log K``), plus each step once with a graph
-      and its backward. Memory: about ``(c + 3) * C`` (the stored carries, the working one,
+      ``r * (K + 1) - C(c + r, c + 1)`` steps without a graph (the optimum for ``c`` slots;
+      no step runs more than ``r`` times, and ``r`` grows like ``log K``), plus each step
+      once with a graph and its backward. Memory: about ``(c + 3) * C`` (the stored carries, the working one,
       its cotangent, and the last one for the result's trajectory) plus one step's backward,
       whatever K.
 
