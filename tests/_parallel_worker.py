@@ -10,12 +10,9 @@ raises a ``RankFailure`` naming it. After the faults the group is used again.
 
 from __future__ import annotations
 
-import datetime
 import gc
-import json
 import os
 import sys
-import traceback
 from collections.abc import Callable
 
 import torch
@@ -23,6 +20,7 @@ import torch.distributed as dist
 
 import hypergrad as hg
 from _ranks_worker import Counted, close
+from _ranks_worker import main as run_checks
 from hypergrad._clients.ranks import RankFailure
 
 K = 3
@@ -428,30 +426,5 @@ def dies(rank: int) -> dict[str, str]:
     return {"dies": "no RankFailure"}
 
 
-def main() -> None:
-    out, mode = sys.argv[1], sys.argv[2]
-    torch.set_num_threads(1)
-    timeout = datetime.timedelta(seconds=float(os.environ.get("HG_TEST_TIMEOUT", "60")))
-    if DEVICE.type == "cuda":  # NCCL: one device per rank, set before the group starts
-        torch.cuda.set_device(int(os.environ["RANK"]) % torch.cuda.device_count())
-    dist.init_process_group(BACKEND, timeout=timeout)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    if mode == "dies":
-        results = dies(rank)
-    else:
-        checks, results = Checks(rank, world), {}
-        for name in ON_DEVICE if mode == "on_device" else CHECKS:
-            try:
-                getattr(checks, name)()
-                results[name] = "ok"
-            except Exception:
-                results[name] = traceback.format_exc()
-    with open(out, "w") as f:
-        json.dump(results, f)
-    if mode != "dies":
-        dist.barrier()  # every rank done before any tears the group down
-        dist.destroy_process_group()
-
-
 if __name__ == "__main__":
-    main()
+    run_checks(Checks, CHECKS, ON_DEVICE, dies)

@@ -621,7 +621,9 @@ def dies(rank: int) -> dict[str, str]:
     return {"dies": "no RankFailure"}
 
 
-def main() -> None:
+def main(checks_class=Checks, names=CHECKS, on_device=ON_DEVICE, die=dies) -> None:
+    """Run the checks named on the command line in this rank (the data-parallel worker
+    runs its own checks through here too)."""
     out, mode = sys.argv[1], sys.argv[2]
     torch.set_num_threads(1)
     timeout = datetime.timedelta(seconds=float(os.environ.get("HG_TEST_TIMEOUT", "60")))
@@ -630,10 +632,10 @@ def main() -> None:
     dist.init_process_group(BACKEND, timeout=timeout)
     rank, world = dist.get_rank(), dist.get_world_size()
     if mode == "dies":
-        results = dies(rank)
+        results = die(rank)
     else:
-        checks, results = Checks(rank, world), {}
-        for name in ON_DEVICE if mode == "on_device" else CHECKS:
+        checks, results = checks_class(rank, world), {}
+        for name in on_device if mode == "on_device" else names:
             try:
                 getattr(checks, name)()
                 results[name] = "ok"

@@ -39,7 +39,15 @@ from hypergrad._engine.randomness import seeded
 from hypergrad._engine.step import StepParts
 from hypergrad.tree import PyTree
 
-__all__ = ["Opened", "StepParts", "open_carry", "split_batch", "unit_vjp"]
+__all__ = [
+    "Opened",
+    "StepParts",
+    "fresh_leaves",
+    "grad_or_none",
+    "open_carry",
+    "split_batch",
+    "unit_vjp",
+]
 
 Grads = list[torch.Tensor | None]
 
@@ -56,7 +64,12 @@ class Opened(NamedTuple):
     positions: tuple[list[int], list[int]]
 
 
-def _fresh(tree: PyTree) -> tuple[PyTree, list[int], list[torch.Tensor]]:
+def fresh_leaves(tree: PyTree) -> tuple[PyTree, list[int], list[torch.Tensor]]:
+    """Replace the floating-point leaves of ``tree`` by detached leaves that require grad.
+
+    Returns ``(new_tree, positions, leaves)``: the positions (in flattening order) of the
+    floating-point leaves and those new leaves. Nothing of ``tree`` is written.
+    """
     flat, spec = optree.tree_flatten(tree, namespace=_tree._NAMESPACE)
     positions, leaves, out = [], [], list(flat)
     for i, x in enumerate(flat):
@@ -69,12 +82,12 @@ def _fresh(tree: PyTree) -> tuple[PyTree, list[int], list[torch.Tensor]]:
 
 def open_carry(carry: Carry, with_buffers: bool) -> Opened:
     """Fresh grad-requiring leaves for the float leaves of params and state (and buffers)."""
-    (params, state), pos_ps, leaves_ps = _fresh((carry.params, carry.state))
+    (params, state), pos_ps, leaves_ps = fresh_leaves((carry.params, carry.state))
     buffers = carry.buffers
     pos_b: list[int] = []
     leaves_b: list[torch.Tensor] = []
     if with_buffers:
-        buffers, pos_b, leaves_b = _fresh(carry.buffers)
+        buffers, pos_b, leaves_b = fresh_leaves(carry.buffers)
     return Opened(Carry(params, state, buffers), leaves_ps + leaves_b, (pos_ps, pos_b))
 
 
@@ -86,19 +99,23 @@ def select(carry: Carry, positions: tuple[list[int], list[int]]) -> list[torch.T
 
 
 def grad_or_none(
-    outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor], cot: Any
+    outputs: Sequence[torch.Tensor],
+    inputs: Sequence[torch.Tensor],
+    grad_outputs: Sequence[torch.Tensor | None] | None = None,
 ) -> Grads:
-    """``torch.autograd.grad`` that skips outputs without a graph or cotangent (all None then)."""
+    """``torch.autograd.grad`` that skips outputs without a graph or without a cotangent
+    (``None`` grads where nothing reaches an input, all ``None`` when no output is left)."""
+    cot = [None] * len(outputs) if grad_outputs is None else grad_outputs
     pairs = [
         (o, g)
-        for o, g in zip(outputs, cot if cot is not None else [None] * len(outputs))
-        if o.requires_grad and (cot is None or g is not None)
+        for o, g in zip(outputs, cot)
+        if o.requires_grad and (grad_outputs is None or g is not None)
     ]
     if not pairs or not inputs:
         return [None] * len(inputs)
     outs, gouts = zip(*pairs)
     got = torch.autograd.grad(
-        list(outs), list(inputs), None if cot is None else list(gouts), allow_unused=True
+        list(outs), list(inputs), None if grad_outputs is None else list(gouts), allow_unused=True
     )
     return list(got)
 
@@ -234,7 +251,7 @@ def unit_vjp(
     if k == problem.steps:
         with torch.enable_grad():
             value = problem.value(opened.carry, aux)
-        grads = grad_or_none([value], wrt, None)
+        grads = grad_or_none([value], wrt)
         return grads[: len(opened.leaves)], grads[len(opened.leaves) :], value.detach(), None
     parts: StepParts | None = getattr(problem.step, "parts", None)
     if pieces > 1 and parts is not None:

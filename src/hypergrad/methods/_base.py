@@ -15,10 +15,19 @@ import optree
 import torch
 
 from hypergrad import tree as _tree
+from hypergrad._engine.backward import fresh_leaves, grad_or_none
 from hypergrad._engine.problem import Carry, Problem
 from hypergrad.tree import PyTree
 
-__all__ = ["Inputs", "Method", "MethodResult", "detached", "fresh_leaves", "leaf_inputs"]
+__all__ = [
+    "Inputs",
+    "Method",
+    "MethodResult",
+    "detached",
+    "fresh_leaves",
+    "grad_or_none",
+    "leaf_inputs",
+]
 
 
 class MethodResult(NamedTuple):
@@ -68,23 +77,6 @@ def leaf_inputs(problem: Problem) -> Inputs:
     return Inputs(trees, leaves, [_tree.keystr(p) for p in paths], spec)
 
 
-def fresh_leaves(tree: PyTree) -> tuple[PyTree, list[int], list[torch.Tensor]]:
-    """Replace the floating-point leaves of ``tree`` by detached leaves that require grad.
-
-    Returns ``(new_tree, positions, leaves)``: the positions (in flattening order) of the
-    floating-point leaves and those new leaves.
-    """
-    flat, spec = optree.tree_flatten(tree, namespace=_tree._NAMESPACE)
-    positions, leaves, out = [], [], list(flat)
-    for i, x in enumerate(flat):
-        if isinstance(x, torch.Tensor) and x.is_floating_point():
-            leaf = x.detach().requires_grad_()
-            positions.append(i)
-            leaves.append(leaf)
-            out[i] = leaf
-    return optree.tree_unflatten(spec, out), positions, leaves
-
-
 def finish(
     inputs: Inputs,
     grads: list[torch.Tensor | None],
@@ -107,30 +99,6 @@ def finish(
 def detached(carry: Carry) -> Carry:
     """The carry with every tensor detached (what a result reports)."""
     return Carry(*(_tree.detach(t) for t in carry))
-
-
-def grad_or_none(
-    outputs: list[torch.Tensor],
-    inputs: list[torch.Tensor],
-    grad_outputs: list[torch.Tensor | None] | None = None,
-) -> list[torch.Tensor | None]:
-    """``torch.autograd.grad`` that tolerates outputs without a graph (returns all None)."""
-    pairs = [
-        (o, g)
-        for o, g in zip(outputs, grad_outputs or [None] * len(outputs))
-        if o.requires_grad and (grad_outputs is None or g is not None)
-    ]
-    if not pairs or not inputs:
-        return [None] * len(inputs)
-    outs, gouts = zip(*pairs)
-    return list(
-        torch.autograd.grad(
-            list(outs),
-            inputs,
-            grad_outputs=None if grad_outputs is None else list(gouts),
-            allow_unused=True,
-        )
-    )
 
 
 class Method:
