@@ -339,15 +339,18 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = sorted({r["workload"] for r in rows if "error" not in r})
+    order = ["mlp", "gpt05m", "gpt3m", "gpt100m"]
+    names = [n for n in order if any(r.get("workload") == n for r in rows)]
+    methods = [m for m in METHODS if any(r.get("method") == m for r in rows)]
+    colours = {m: f"C{i}" for i, m in enumerate(methods)}  # one colour per method, every panel
     fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 4), squeeze=False)
     for ax, name in zip(axes[0], names):
-        methods = sorted({r["method"] for r in rows if r.get("workload") == name})
         for m in methods:
             pts = sorted((r["K"], r["peak_bytes"] / 2**20) for r in rows
-                         if r.get("workload") == name and r["method"] == m)  # fmt: skip
+                         if r.get("workload") == name and r.get("method") == m
+                         and "error" not in r)  # fmt: skip
             if pts:
-                ax.plot(*zip(*pts), marker="o", label=m)
+                ax.plot(*zip(*pts), marker="o", label=m, color=colours[m])
         ax.set(xscale="log", yscale="log", xlabel="K (steps)", ylabel="peak memory (MB)",
                title=name)  # fmt: skip
         ax.legend(fontsize=7)
