@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 import hypergrad as hg
-from _ranks_worker import Counted, close
+from _ranks_worker import Counted, close, failing_backward
 from _ranks_worker import main as run_checks
 from hypergrad._clients.ranks import RankFailure
 
@@ -290,23 +290,10 @@ class Checks:
     def exception_in_a_backward(self):  # raised inside the backward pass, mid-collectives
         rank = self.rank
 
-        class Fragile(torch.autograd.Function):
-            @staticmethod
-            def forward(x):
-                return x.clone()
-
-            @staticmethod
-            def setup_context(ctx, inputs, output):
-                pass
-
-            @staticmethod
-            def backward(ctx, g):
-                if rank == 1:
-                    raise ValueError("boom in a backward pass")
-                return g
+        fragile = failing_backward(rank == 1)
 
         def fragile_outer(p, aux, val):
-            return outer({"w": Fragile.apply(p["w"]), "b": p["b"]}, aux, val)
+            return outer({"w": fragile(p["w"]), "b": p["b"]}, aux, val)
 
         a = self.all
         run = lambda: hg.hypergrad(  # noqa: E731

@@ -81,6 +81,27 @@ def close(got, want, what: str) -> None:
             raise AssertionError(f"{what}: {a} != {b} (max diff {(a - b).abs().max()})")
 
 
+def failing_backward(fails: bool):
+    """An identity whose backward raises ("boom in a backward pass") when ``fails``."""
+
+    class Fragile(torch.autograd.Function):
+        @staticmethod
+        def forward(x):
+            return x.clone()
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            pass
+
+        @staticmethod
+        def backward(ctx, g):
+            if fails:
+                raise ValueError("boom in a backward pass")
+            return g
+
+    return Fragile.apply
+
+
 class Counted:
     """The collectives run inside the block, by name (wrapping torch.distributed's functions)."""
 
@@ -460,26 +481,13 @@ class Checks:
     def exception_in_a_backward(self):  # raised inside the backward pass, mid-collectives
         rank = self.rank
 
-        class Fragile(torch.autograd.Function):
-            @staticmethod
-            def forward(x):
-                return x.clone()
-
-            @staticmethod
-            def setup_context(ctx, inputs, output):
-                pass
-
-            @staticmethod
-            def backward(ctx, g):
-                if rank == 1:
-                    raise ValueError("boom in a backward pass")
-                return g
+        fragile = failing_backward(rank == 1)
 
         def loss(p, aux, batch):  # its gradient is taken in the forward pass (no error there)
             return inner(p, aux, batch)
 
         def server_loss(server, aux, val):
-            return outer({"w": Fragile.apply(server["w"]), "b": server["b"]}, aux, val)
+            return outer({"w": fragile(server["w"]), "b": server["b"]}, aux, val)
 
         a = self.all
         run = lambda: hg.clients.hypergrad(  # noqa: E731
