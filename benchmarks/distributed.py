@@ -12,25 +12,33 @@ collectives cost. The speed-up divides by a baseline timed in the same launch as
 processes, interleaved with them: after each two-process call, rank 0 alone runs all C clients
 without a group while rank 1 waits at a barrier (a machine's speed drifts between launches by
 several per cent; the separate one-process launch's ratio is kept as
-``speedup_separate_launches``). On a busy machine the wall time of two processes says little (they wait for
-cores), so the CPU time of each rank's call (``time.process_time``) is reported too: the work a
-rank does, which halves with two processes when the scheme scales. Bytes communicated are counted by wrapping ``torch.distributed.all_reduce``
-and ``all_gather_object`` for one call: the payload each rank sends into the collectives,
-divided by R for a per-round figure (the collectives' own protocol overhead is not counted),
-and the number of collectives in the call (each costs a round trip).
+``speedup_separate_launches``). The ceiling is timed the same way: every rank runs its share
+without a group, all at once (``solo``), so ``alone / solo`` is what the split gives on this
+machine with no communication at all (the processes share caches and memory bandwidth). Each
+rank's compute thread is held to a core of its own once the group is up (``PIN=0`` in the
+environment turns that off; gloo's threads, started before, stay free): unpinned, the
+scheduler moves threads between cores at every collective. The CPU time of each rank's call
+(``time.process_time``) is reported too: the work a rank does, which halves with two processes
+when the scheme scales. Bytes communicated are counted by wrapping
+``torch.distributed.all_reduce`` and ``all_gather_object`` for one call: the payload each rank
+sends into the collectives, divided by R for a per-round figure (the collectives' own protocol
+overhead is not counted), and the number of collectives in the call (each costs a round trip).
 
-Target: 2 processes >= 1.6x one process at C = 256 (one thread each), on a quiet 2-core
-machine.
+Target: 2 processes >= 1.6x one process at C = 256 and >= 1.3x at C = 64 (one thread each),
+on a quiet 2-core machine.
 
 **Data parallel** (one model, ``process_group=`` without clients), in the same two-process
-launch: a compute-bound model (an MLP 64 -> 512 -> 512 -> 10, tanh, cross-entropy, global
-batches of ``DP_BATCH`` examples, float32), reverse mode, K = 10 SGD steps with momentum, the
+launch: a compute-bound model (an MLP 64 -> 1024 -> 1024 -> 10, tanh, cross-entropy, global
+batches of ``DP_BATCH`` examples, float32; ``--hidden`` sets the width: at 512 a step takes
+about 45 ms per rank on the 2-core benchmark machine, beside 5-10 ms of latency in its four
+all-reduces there, at 1024 about 150-190 ms), reverse mode, K = 10 SGD steps with momentum, the
 gradient of the validation loss with respect to an L2 penalty's strength (``aux``); each rank
-holds half of every batch. The baseline is interleaved as above: rank 0 alone runs the whole
-batches without a group while rank 1 waits. Bytes per step per rank: what each rank puts into
-the all-reduces of one call, divided by K. The overhead is measured apart, on a model too small
-to compute anything (P = 12): with 2 processes and with rank 0 alone, at K = 1 and K = 11, the
-extra time per step (the slope) and per call (the rest) that the process group adds.
+holds half of every batch. The baseline and the ceiling are interleaved as above: rank 0 alone
+runs the whole batches without a group while rank 1 waits; every rank runs its half without a
+group at once. Bytes per step per rank: what each rank puts into the all-reduces of one call,
+divided by K. The overhead is measured apart, on a model too small to compute anything
+(P = 12): with 2 processes and with rank 0 alone, at K = 1 and K = 11, the extra time per step
+(the slope) and per call (the rest) that the process group adds.
 Target: 2 processes >= 1.7x one.
 
 Writes ``benchmarks/results/distributed.json``.
@@ -63,7 +71,8 @@ import hypergrad as hg
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROUNDS = 2
-DP_STEPS, DP_BATCH = 10, 1024
+FEDERATED_REPEATS = 3  # the federated calls are short: this many times --repeats
+DP_STEPS, DP_BATCH, DP_HIDDEN = 10, 1024, 1024
 
 
 class Counter:
@@ -165,6 +174,7 @@ def data_parallel(repeats: int, hidden: int) -> dict:
     runs = interleaved(
         {
             "two": lambda: dp_call(w, rows, group),
+            "solo": lambda: dp_call(w, rows, None),
             "alone": lambda: dp_call(w, everyone, None),
         },
         rank,
@@ -191,6 +201,8 @@ def data_parallel(repeats: int, hidden: int) -> dict:
         "two_processes_s": med["two"],
         "one_process_interleaved_s": med["alone"],
         "speedup": med["alone"] / med["two"],
+        "no_group_at_once_s": med["solo"],
+        "ceiling": med["alone"] / med["solo"],
         "cpu_s_per_rank": [cpu["alone"], cpu["two"]],
         "bytes_per_step_per_rank": counter.bytes / DP_STEPS,
         "collectives_per_call": counter.calls,
@@ -204,41 +216,27 @@ def worker(sizes: list[int], repeats: int, hidden: int) -> dict:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", timeout=datetime.timedelta(minutes=5))
     rank, world = dist.get_rank(), dist.get_world_size()
+    if os.environ.get("PIN", "1") == "1":  # this (compute) thread on a core of its own
+        cores = sorted(os.sched_getaffinity(0))
+        os.sched_setaffinity(0, {cores[rank % len(cores)]})
     group = dist.group.WORLD
     rows_out = {}
     for clients in sizes:
         w = workload(clients)
         share = clients // world
         rows = slice(rank * share, clients if rank == world - 1 else (rank + 1) * share)
-        variants = {"process group": group} if world > 1 else {"process group": group, "none": None}
-        times: dict[str, list[float]] = {name: [] for name in variants}
-        cpu: dict[str, list[float]] = {name: [] for name in variants}
-        everyone = slice(0, clients)
-        for g in variants.values():
-            call(w, rows, g)  # warm-up
-        if world > 1 and rank == 0:
-            call(w, everyone, None)
-            times["alone"], cpu["alone"] = [], []
-        for _ in range(repeats):
-            for name, g in variants.items():
-                dist.barrier()
-                start, start_cpu = time.perf_counter(), time.process_time()
-                call(w, rows, g)
-                times[name].append(time.perf_counter() - start)
-                cpu[name].append(time.process_time() - start_cpu)
-            if world > 1:  # the baseline in the same launch, interleaved: rank 0 alone, all C
-                dist.barrier()
-                if rank == 0:
-                    start, start_cpu = time.perf_counter(), time.process_time()
-                    call(w, everyone, None)
-                    times["alone"].append(time.perf_counter() - start)
-                    cpu["alone"].append(time.process_time() - start_cpu)
-                dist.barrier()
+        fns = {"process group": functools.partial(call, w, rows, group)}
+        if world == 1:
+            fns["none"] = functools.partial(call, w, rows, None)
+        else:  # every rank its share with no group, at once; rank 0 alone with all C
+            fns["solo"] = functools.partial(call, w, rows, None)
+            fns["alone"] = functools.partial(call, w, slice(0, clients), None)
+        runs = interleaved(fns, rank, FEDERATED_REPEATS * repeats)
         with Counter() as counter:
             grad = call(w, rows, group)
         rows_out[clients] = {
-            "seconds": {name: statistics.median(ts) for name, ts in times.items()},
-            "cpu_seconds": {name: statistics.median(ts) for name, ts in cpu.items()},
+            "seconds": {n: statistics.median(t for t, _ in ts) for n, ts in runs.items() if ts},
+            "cpu_seconds": {n: statistics.median(c for _, c in ts) for n, ts in runs.items() if ts},
             "bytes_per_round": counter.bytes / ROUNDS,
             "collectives_per_call": counter.calls,
             "grad_norm": float(grad.norm()),
@@ -269,19 +267,20 @@ def launch(world: int, sizes: list[int], repeats: int, hidden: int) -> dict:
     return {(c if c == "data_parallel" else int(c)): row for c, row in rows.items()}
 
 
-def main(sizes: list[int], repeats: int, write: bool, hidden: int = 512) -> None:
+def main(sizes: list[int], repeats: int, write: bool, hidden: int = DP_HIDDEN) -> None:
     """The federated rows for ``sizes`` (none: the data-parallel row alone) and the data-parallel
     row (an MLP of width ``hidden``)."""
     one = launch(1, sizes, repeats, hidden) if sizes else {}
     two = launch(2, sizes, repeats, hidden)
     table = []
     print(f"{'C':>5} {'1 proc':>9} {'1 proc, no group':>17} {'1 proc, interleaved':>20} "
-          f"{'2 procs':>9} {'speed-up':>9} "
+          f"{'2 procs':>9} {'speed-up':>9} {'ceiling':>8} "
           f"{'KiB/round/rank (2 procs)':>25} {'collectives/call':>17} "
           f"{'CPU s/rank (1 -> 2)':>20}")  # fmt: skip
     for c in sizes:
         t1, t0 = one[c]["seconds"]["process group"], one[c]["seconds"]["none"]
         t2, alone = two[c]["seconds"]["process group"], two[c]["seconds"]["alone"]
+        solo = two[c]["seconds"]["solo"]
         row = {
             "clients": c,
             "one_process_s": t1,
@@ -290,6 +289,8 @@ def main(sizes: list[int], repeats: int, write: bool, hidden: int = 512) -> None
             "two_processes_s": t2,
             "speedup": alone / t2,
             "speedup_separate_launches": t1 / t2,
+            "no_group_at_once_s": solo,
+            "ceiling": alone / solo,
             "cpu_s_per_rank": [
                 one[c]["cpu_seconds"]["process group"],
                 two[c]["cpu_seconds"]["process group"],
@@ -299,14 +300,14 @@ def main(sizes: list[int], repeats: int, write: bool, hidden: int = 512) -> None
             "grad_norms": [one[c]["grad_norm"], two[c]["grad_norm"]],
         }
         table.append(row)
-        print(f"{c:>5} {t1:>8.3f}s {t0:>16.3f}s {alone:>19.3f}s {t2:>8.3f}s {alone / t2:>8.2f}x "
+        print(f"{c:>5} {t1:>8.3f}s {t0:>16.3f}s {alone:>19.3f}s {t2:>8.3f}s {alone / t2:>8.2f}x {alone / solo:>7.2f}x "
               f"{row['bytes_per_round_per_rank'] / 1024:>25.1f} {row['collectives_per_call']:>17} "
               f"{row['cpu_s_per_rank'][0]:>9.3f} -> {row['cpu_s_per_rank'][1]:.3f}")  # fmt: skip
     dp = two["data_parallel"]
     print(
         f"data parallel, {dp['params']} params, K = {DP_STEPS}, reverse: 1 process "
         f"{dp['one_process_interleaved_s']:.3f}s, 2 processes {dp['two_processes_s']:.3f}s, "
-        f"speed-up {dp['speedup']:.2f}x; CPU s/rank {dp['cpu_s_per_rank'][0]:.3f} -> "
+        f"speed-up {dp['speedup']:.2f}x (no group, both at once: {dp['ceiling']:.2f}x); CPU s/rank {dp['cpu_s_per_rank'][0]:.3f} -> "
         f"{dp['cpu_s_per_rank'][1]:.3f}; {dp['bytes_per_step_per_rank'] / 1024:.1f} KiB per "
         f"step per rank, {dp['collectives_per_call']} collectives per call; overhead "
         f"{dp['overhead_per_step_s'] * 1e3:.2f} ms per step, "
@@ -317,6 +318,8 @@ def main(sizes: list[int], repeats: int, write: bool, hidden: int = 512) -> None
             "command": "python benchmarks/distributed.py",
             "rounds": ROUNDS,
             "threads_per_process": 1,
+            "compute_thread_pinned": os.environ.get("PIN", "1") == "1",
+            "data_parallel_hidden": hidden,
             "torch": torch.__version__,
             "machine": platform.platform(),
             "cpus": os.cpu_count(),
@@ -339,10 +342,13 @@ if __name__ == "__main__":
         parser.add_argument(
             "--data-parallel", action="store_true", help="the data-parallel row only, no file"
         )
+        parser.add_argument(
+            "--hidden", type=int, default=DP_HIDDEN, help="the data-parallel MLP's width"
+        )
         a = parser.parse_args()
         if a.quick:
             main([8], 1, write=False, hidden=32)
         elif a.data_parallel:
-            main([], a.repeats, write=False, hidden=512)
+            main([], a.repeats, write=False, hidden=a.hidden)
         else:
-            main([64, 256], a.repeats, write=True, hidden=512)
+            main([64, 256], a.repeats, write=True, hidden=a.hidden)
