@@ -10,16 +10,14 @@ raises a ``RankFailure`` naming it. After the faults the group is used again.
 
 from __future__ import annotations
 
-import gc
 import os
-import sys
 from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
 
 import hypergrad as hg
-from _ranks_worker import Counted, close, failing_backward
+from _ranks_worker import Counted, close, failing_backward, no_group_reference_kept
 from _ranks_worker import main as run_checks
 from hypergrad._clients.ranks import RankFailure
 
@@ -223,18 +221,11 @@ class Checks:
             raise AssertionError(f"an unroll over {K} steps ran {counted.calls}")
 
     def no_reference_kept(self):  # a group freed only at interpreter exit can abort it (gloo)
-        group = dist.distributed_c10d._get_default_group()
-        gc.collect()
-        gc.disable()
-        try:
-            before = sys.getrefcount(group)
+        def calls():
             self.compare("reverse", hg.optim.sgd(lr=0.1))
             self.compare("forward", hg.optim.sgd(lr=0.1))
-            after = sys.getrefcount(group)
-        finally:
-            gc.enable()
-        if after != before:
-            raise AssertionError(f"the call left {after - before} references to the group")
+
+        no_group_reference_kept(calls)
 
     def modules_from_training_code(self):  # DDP-wrapped: its inner module; DTensor: refused
         from torch.distributed.tensor import DeviceMesh, Replicate, distribute_tensor

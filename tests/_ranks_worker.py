@@ -102,6 +102,22 @@ def failing_backward(fails: bool):
     return Fragile.apply
 
 
+def no_group_reference_kept(calls: Callable[[], object]) -> None:
+    """Raise unless ``calls()`` leaves the default process group's reference count as it was
+    (the garbage collector held off, so that only references the calls keep count)."""
+    group = dist.distributed_c10d._get_default_group()
+    gc.collect()
+    gc.disable()
+    try:
+        before = sys.getrefcount(group)
+        calls()
+        after = sys.getrefcount(group)
+    finally:
+        gc.enable()
+    if after != before:
+        raise AssertionError(f"the call left {after - before} references to the group")
+
+
 class Counted:
     """The collectives run inside the block, by name (wrapping torch.distributed's functions)."""
 
@@ -385,18 +401,11 @@ class Checks:
             raise AssertionError(f"an unroll over {R} rounds ran {counted.calls}")
 
     def no_reference_kept(self):  # a group freed only at interpreter exit can abort it (gloo)
-        group = dist.distributed_c10d._get_default_group()
-        gc.collect()
-        gc.disable()
-        try:
-            before = sys.getrefcount(group)
+        def calls():
             self.compare("reverse", hg.optim.sgd(lr=0.1))
             self.compare("forward", hg.optim.sgd(lr=0.1), chunk_size=2)
-            after = sys.getrefcount(group)
-        finally:
-            gc.enable()
-        if after != before:
-            raise AssertionError(f"the call left {after - before} references to the group")
+
+        no_group_reference_kept(calls)
 
     def unroll(self):
         a, opt = self.all, hg.optim.sgd(lr=0.1)

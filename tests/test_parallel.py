@@ -8,10 +8,6 @@ check. The example runs under ``torchrun``.
 
 from __future__ import annotations
 
-import os
-import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,7 +16,7 @@ import torch.distributed as dist
 
 import hypergrad as hg
 from _parallel_worker import CHECKS
-from test_ranks import Launch, finish
+from test_ranks import Launch, run_example
 
 pytestmark = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed gloo"
@@ -55,19 +51,7 @@ def test_a_rank_that_dies_is_reported_within_the_timeout(launched):
 
 
 def test_the_example_runs_under_torchrun():
-    example = Path(__file__).parents[1] / "examples" / "data_parallel.py"
-    run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    proc = subprocess.Popen(
-        [*run, str(example), "--steps", "5"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    (log,) = finish([proc], timeout=120)
-    assert proc.returncode == 0, log
-    diff = re.search(r"max \|grad - one process's\| = (\S+)", log)
-    assert diff is not None and float(diff.group(1)) < 1e-10, log
+    run_example("data_parallel.py", "--steps", "5")
 
 
 def _call(**kw):

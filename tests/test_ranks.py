@@ -109,11 +109,13 @@ def test_every_rank(launched, world, check):
         assert got.get(check) == "ok", f"rank {rank}: {got.get(check, got.get('log'))}"
 
 
-def test_the_example_runs_under_torchrun():
-    example = Path(__file__).parents[1] / "examples" / "federated_distributed.py"
+def run_example(name: str, *args: str) -> str:
+    """Run ``examples/<name>`` on two ranks under torchrun; its output, once it has succeeded
+    and printed a gradient within 1e-10 of one process's."""
+    example = Path(__file__).parents[1] / "examples" / name
     run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     proc = subprocess.Popen(
-        [*run, str(example), "--clients", "6"],
+        [*run, str(example), *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -123,7 +125,11 @@ def test_the_example_runs_under_torchrun():
     assert proc.returncode == 0, log
     diff = re.search(r"max \|grad - one process's\| = (\S+)", log)
     assert diff is not None and float(diff.group(1)) < 1e-10, log
-    assert "after 5 steps on aux" in log
+    return log
+
+
+def test_the_example_runs_under_torchrun():
+    assert "after 5 steps on aux" in run_example("federated_distributed.py", "--clients", "6")
 
 
 def test_a_rank_that_dies_is_reported_within_the_timeout(launched):
